@@ -1,0 +1,407 @@
+"""The ``greedy-cli`` command line: one thin verb per step of greedy training."""
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.errors import GreedyError
+from stages.arch import BYTES_PER_ELEMENT, ArchitectureError
+
+DTYPES = click.Choice(["float16", "float32"])
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not tear progress bars."""
+
+    def emit(self, record):
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    for name in ("pipeline", "stages"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("numba", "distributed", "fsspec", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _Group(click.Group):
+    """Report the pipeline's refusals as one-line errors, without a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (GreedyError, ArchitectureError) as err:
+            raise click.ClickException(str(err)) from err
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")
+def main(verbose: bool) -> None:
+    """Greedy layerwise training of CNNs (Belilovsky et al., ICML 2019), one stage at a
+    time, each stage trained from the cached features of the one below."""
+    _setup_logging(verbose)
+
+
+workers_option = click.option(
+    "--workers", default=2, show_default=True, type=click.IntRange(1), help="Loader threads."
+)
+threads_option = click.option(
+    "--threads", default=None, type=click.IntRange(1), help="Torch threads [default: all cores]."
+)
+
+
+@main.command()
+@click.argument("preset")
+@click.option(
+    "--dtype",
+    type=click.Choice(sorted(BYTES_PER_ELEMENT)),
+    default="float16",
+    show_default=True,
+    help="Storage dtype for the cached-bytes column.",
+)
+def describe(preset: str, dtype: str) -> None:
+    """Shapes, parameters, multiply-adds and cached bytes of each stage of PRESET
+    (a preset name or an architecture JSON file)."""
+    from stages import load_architecture
+
+    arch = load_architecture(preset)
+    rows = arch.costs(dtype)
+    click.echo(
+        f"{arch.name}: {arch.depth} stages, input {_shape(arch.input_shape)}, "
+        f"{arch.num_classes} classes"
+    )
+    header = (
+        "j",
+        "in",
+        "out",
+        "psi",
+        "BN",
+        "k",
+        "M~",
+        "params",
+        "head params",
+        "MACs/sample",
+        "head MACs",
+        f"cached ({dtype})",
+    )
+    table = [
+        (
+            str(r.j),
+            _shape(r.in_shape),
+            _shape(r.out_shape),
+            "yes" if arch.stages[r.j].downsample else "",
+            "yes" if arch.stages[r.j].batch_norm else "",
+            str(arch.stages[r.j].k),
+            str(arch.stages[r.j].head_width or ""),
+            f"{r.stage_params:,}",
+            f"{r.head_params:,}",
+            _si(r.stage_macs),
+            _si(r.head_macs),
+            _bytes(r.cached_bytes),
+        )
+        for r in rows
+    ]
+    click.echo(_table(header, table))
+    total_params = sum(r.stage_params for r in rows) + rows[-1].head_params
+    total_macs = sum(r.stage_macs for r in rows) + rows[-1].head_macs
+    click.echo(
+        f"final model (all stages + last head): {total_params:,} parameters, "
+        f"{_si(total_macs)} MACs per sample"
+    )
+
+
+@main.command()
+@click.argument("dataset", type=click.Choice(["fashion-mnist", "cifar10", "imagenet", "folder"]))
+@click.argument("src", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder to write the FFCV datasets into.",
+)
+@click.option(
+    "--holdout",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Keep N training samples apart as a 'holdout' split.",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of the holdout draw.")
+@click.option(
+    "--max-resolution",
+    default=256,
+    show_default=True,
+    type=click.IntRange(8),
+    help="Longest side of stored JPEG images (imagenet, folder).",
+)
+@workers_option
+def prepare(dataset, src, out, holdout, seed, max_resolution, workers) -> None:
+    """Write DATASET (read from SRC) as FFCV datasets, one per split, into --out.
+
+    fashion-mnist reads the IDX files of the Debian package dataset-fashion-mnist by
+    default; cifar10 reads the python batches; imagenet and folder read SRC/train/<class>/
+    and SRC/val/<class>/ trees."""
+    from pipeline.prepare import PrepareSettings
+    from pipeline.prepare import prepare as run_prepare
+
+    info = run_prepare(
+        PrepareSettings(
+            dataset=dataset,
+            src=src,
+            out=out,
+            holdout=holdout,
+            seed=seed,
+            max_resolution=max_resolution,
+            workers=workers,
+            progress=True,
+        )
+    )
+    splits = ", ".join(f"{k} {v.count:,}" for k, v in info.splits.items())
+    click.echo(
+        f"prepared {info.name} in {out}: {splits}; {info.num_classes} classes, "
+        f"images {_shape(info.input_shape)}"
+    )
+
+
+def _run_options(f):
+    f = click.option(
+        "--seed", default=None, type=int, help="Seed of a new run directory [default: 0]."
+    )(f)
+    f = click.option(
+        "--data",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="Prepared dataset (needed by the first command on a new run).",
+    )(f)
+    f = click.option("--preset", help="Preset or architecture JSON (first command on a new run).")(
+        f
+    )
+    return f
+
+
+@main.command("train-layer")
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--j", "j", required=True, type=click.IntRange(0), help="Stage to train.")
+@_run_options
+@click.option(
+    "--source",
+    type=click.Choice(["cache", "recompute"]),
+    default="cache",
+    show_default=True,
+    help="Stage j's input: stage j-1's cached features, or the frozen stages "
+    "recomputed on every batch of images.",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(1),
+    default=None,
+    help="Override the architecture's epochs for this stage.",
+)
+@click.option("--steps", type=click.IntRange(1), default=None, help="Stop after N steps.")
+@workers_option
+@threads_option
+def train_layer_cmd(run_dir, j, preset, data, seed, source, epochs, steps, workers, threads):
+    """Train stage J and its auxiliary head, stages 0..J-1 frozen."""
+    from pipeline.rundir import Run
+    from pipeline.train import TrainSettings, train_layer
+
+    run = Run.open(run_dir, preset, data, seed)
+    result = train_layer(
+        TrainSettings(
+            run=run_dir,
+            j=j,
+            source=source,
+            epochs=epochs,
+            max_steps=steps,
+            workers=workers,
+            threads=threads,
+            progress=True,
+        ),
+        run,
+    )
+    rec = result.record
+    click.echo(
+        f"stage {j} trained in {rec['seconds']:.1f} s: train loss "
+        f"{rec['final_train_loss']:.4f}, train accuracy {rec['final_train_accuracy']:.2f}%"
+    )
+
+
+@main.command("cache-features")
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--j", "j", required=True, type=click.IntRange(0), help="Stage whose outputs to cache."
+)
+@click.option("--dtype", type=DTYPES, default="float16", show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Inference batch [default: the training batch size].",
+)
+@click.option(
+    "--chunk-mb",
+    type=click.FloatRange(0.01),
+    default=4.0,
+    show_default=True,
+    help="Uncompressed size of one chunk of samples.",
+)
+@workers_option
+@threads_option
+def cache_features_cmd(run_dir, j, dtype, batch_size, chunk_mb, workers, threads):
+    """Write stage J's outputs over every split to RUN/features/stage_J.zarr."""
+    from pipeline.cache import CacheSettings, cache_features
+
+    manifest = cache_features(
+        CacheSettings(
+            run=run_dir,
+            j=j,
+            dtype=dtype,
+            batch_size=batch_size,
+            chunk_mb=chunk_mb,
+            workers=workers,
+            threads=threads,
+            progress=True,
+        )
+    )
+    splits = ", ".join(f"{k} {v:,}" for k, v in manifest["splits"].items())
+    click.echo(f"stage {j} features ({dtype}, {splits}) written in {manifest['seconds']:.1f} s")
+
+
+@main.command("eval")
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--split", default=None, help="Split to measure [default: the dataset's test split].")
+@workers_option
+@threads_option
+def eval_cmd(run_dir, split, workers, threads):
+    """Top-1 and top-5 of every stage's head, the final model and the ensemble."""
+    from pipeline.evaluate import EvalSettings, evaluate
+
+    report = evaluate(
+        EvalSettings(run=run_dir, split=split, workers=workers, threads=threads, progress=True)
+    )
+    click.echo(format_report(report))
+    click.echo(f"written to {Path(run_dir) / 'eval.json'}")
+
+
+@main.command("run")
+@click.argument("preset")
+@click.option("--data", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--seed", default=None, type=int, help="Seed of a new run directory [default: 0].")
+@click.option(
+    "--source", type=click.Choice(["cache", "recompute"]), default="cache", show_default=True
+)
+@click.option(
+    "--dtype",
+    type=DTYPES,
+    default="float16",
+    show_default=True,
+    help="Storage dtype of the feature caches.",
+)
+@workers_option
+@threads_option
+def run_cmd(preset, data, run_dir, seed, source, dtype, workers, threads):
+    """Train, cache and evaluate every stage of PRESET, skipping what is current."""
+    from pipeline.greedy import RunSettings, run_greedy
+
+    report = run_greedy(
+        RunSettings(
+            preset=preset,
+            data=data,
+            run=run_dir,
+            seed=seed if seed is not None else 0,
+            source=source,
+            dtype=dtype,
+            workers=workers,
+            threads=threads,
+            progress=True,
+        )
+    )
+    click.echo(format_report(report))
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"{report['arch']} on split {report['split']} ({report['final']['samples']:,} samples)"
+    ]
+    header = ("model", "input", "top-1 %", "top-5 %", "train s", "cache s")
+    rows = [
+        (
+            f"stage {s['stage']} head",
+            s["input"],
+            f"{s['top1']:.2f}",
+            f"{s['top5']:.2f}",
+            _seconds(s.get("train_seconds")),
+            _seconds(s.get("cache_seconds")),
+        )
+        for s in report["stages"]
+    ]
+    rows.append(
+        (
+            "final model",
+            "images, float32",
+            f"{report['final']['top1']:.2f}",
+            f"{report['final']['top5']:.2f}",
+            "",
+            "",
+        )
+    )
+    rows.append(
+        (
+            "ensemble",
+            "images, float32",
+            f"{report['ensemble']['top1']:.2f}",
+            f"{report['ensemble']['top5']:.2f}",
+            "",
+            "",
+        )
+    )
+    lines.append(_table(header, rows))
+    for f in report.get("cache_fidelity", []):
+        lines.append(
+            f"stage {f['stage']} cache vs float32 trunk: max |diff| "
+            f"{f['max_abs_diff']:.3g} ({f['max_rel_diff']:.2e} of the largest value)"
+        )
+    return "\n".join(lines)
+
+
+def _table(header, rows) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*row) for row in rows]
+    return "\n".join(line.rstrip() for line in out)
+
+
+def _shape(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _seconds(s) -> str:
+    return "" if s is None else f"{s:.1f}"
+
+
+if __name__ == "__main__":
+    main()

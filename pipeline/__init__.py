@@ -1,0 +1,1 @@
+"""Data flow of greedy training: prepare, loaders, cache, train, eval."""

@@ -1,0 +1,77 @@
+"""The description of a prepared dataset: ``DATA/dataset.json``."""
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.errors import DataError
+
+DATASET_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    file: str
+    count: int
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    format: int
+    name: str
+    id: str
+    kind: str  # "array": fixed-size raw pixels; "image": JPEG-encoded, cropped on load
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    classes: tuple[str, ...]
+    splits: dict[str, SplitInfo]
+    eval_split: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    holdout: int
+    seed: int
+    root: Path | None = None
+
+    def path(self, split: str) -> Path:
+        if split not in self.splits:
+            raise DataError(
+                f"dataset {self.root} has no split {split!r}; it has {sorted(self.splits)}"
+            )
+        return self.root / self.splits[split].file
+
+    def count(self, split: str) -> int:
+        self.path(split)
+        return self.splits[split].count
+
+    def save(self, root: Path) -> None:
+        data = asdict(self)
+        data.pop("root")
+        (root / "dataset.json").write_text(json.dumps(data, indent=2))
+
+    @classmethod
+    def load(cls, root: Path) -> "DatasetInfo":
+        path = Path(root) / "dataset.json"
+        if not path.is_file():
+            raise DataError(
+                f"no prepared dataset in {root} ({path.name} missing); "
+                f"run `greedy-cli prepare fashion-mnist --out {root}` first"
+            )
+        data = json.loads(path.read_text())
+        if data.get("format") != DATASET_FORMAT:
+            raise DataError(
+                f"{path} has format {data.get('format')!r}, this version reads {DATASET_FORMAT}; "
+                "prepare the dataset again"
+            )
+        data["splits"] = {k: SplitInfo(**v) for k, v in data["splits"].items()}
+        data["input_shape"] = tuple(data["input_shape"])
+        data["classes"] = tuple(data["classes"])
+        data["mean"] = tuple(data["mean"])
+        data["std"] = tuple(data["std"])
+        info = cls(root=Path(root).resolve(), **data)
+        for split in info.splits:
+            if not info.path(split).is_file():
+                raise DataError(
+                    f"dataset {root} lists split {split!r} but {info.path(split)} is missing; "
+                    "prepare the dataset again"
+                )
+        return info

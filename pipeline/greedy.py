@@ -1,0 +1,67 @@
+"""The whole greedy run: train, cache and evaluate every stage, skipping what is current."""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.cache import CacheSettings, cache_features, cache_state
+from pipeline.evaluate import EvalSettings, evaluate
+from pipeline.rundir import Run
+from pipeline.train import TrainSettings, train_layer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    preset: str
+    data: Path
+    run: Path
+    seed: int = 0
+    source: str = "cache"
+    dtype: str = "float16"
+    workers: int = 2
+    threads: int | None = None
+    memory_budget: int = 8 << 30
+    progress: bool = False
+
+
+def run_greedy(settings: RunSettings) -> dict:
+    run = Run.open(settings.run, settings.preset, settings.data, settings.seed)
+    common = {
+        "workers": settings.workers,
+        "threads": settings.threads,
+        "progress": settings.progress,
+    }
+    last = run.arch.depth - 1
+
+    for j in range(run.arch.depth):
+        if run.stage_current(j):
+            log.info("stage %d is trained and current; skipping", j)
+        else:
+            train_layer(
+                TrainSettings(
+                    run=run.root,
+                    j=j,
+                    source=settings.source,
+                    memory_budget=settings.memory_budget,
+                    **common,
+                ),
+                run,
+            )
+        # The last stage's features feed nothing but eval, which reads the one below.
+        if j == last or settings.source == "recompute":
+            continue
+        if cache_state(run, j) == "current":
+            log.info("stage %d features are cached and current; skipping", j)
+        else:
+            cache_features(CacheSettings(run=run.root, j=j, dtype=settings.dtype, **common))
+
+    eval_path = run.root / "eval.json"
+    if eval_path.is_file():
+        previous = json.loads(eval_path.read_text())
+        if previous.get("lineage") == run.lineage(run.arch.depth) and settings.source == "cache":
+            log.info("eval.json is current; skipping evaluation")
+            return previous
+    return evaluate(EvalSettings(run=run.root, **common))

@@ -1,0 +1,218 @@
+"""Batches for training and inference: images through FFCV, features from a zarr store.
+
+Both loaders draw an epoch's order from :func:`epoch_permutation`, so that a stage
+trained from cached features and one trained by recomputing the trunk see the same
+samples in the same batches.
+"""
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.datasets import DatasetInfo
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of an epoch: a pure function of the sample count, seed and epoch."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _make_order(seed: int, shuffle: bool):
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class EpochOrder(TraversalOrder):
+        # FFCV instantiates a custom order by calling the object with the loader.
+        def __init__(self):
+            pass
+
+        def __call__(self, loader):
+            TraversalOrder.__init__(self, loader)
+            return self
+
+        def sample_order(self, epoch: int):
+            if not shuffle:
+                return self.indices
+            return self.indices[epoch_permutation(len(self.indices), seed, epoch)]
+
+    return EpochOrder()
+
+
+class ImageLoader:
+    """Normalised float32 (N, C, H, W) images and int64 labels from an FFCV dataset."""
+
+    def __init__(
+        self,
+        info: DatasetInfo,
+        split: str,
+        batch_size: int,
+        image_shape: tuple[int, int, int],
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        indices: np.ndarray | None = None,
+        workers: int = 2,
+    ):
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.ndarray import NDArrayDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+        from ffcv.loader import Loader
+        from ffcv.transforms import Squeeze, ToTensor
+
+        self.split = split
+        self.batch_size = batch_size
+        n = info.count(split) if indices is None else len(indices)
+        self.num_samples = n
+        self.drop_last = drop_last
+        if info.kind == "array":
+            decoder = NDArrayDecoder()
+        else:
+            decoder = CenterCropRGBImageDecoder(image_shape[1:], ratio=224 / 256)
+        self._loader = Loader(
+            str(info.path(split)),
+            batch_size=batch_size,
+            num_workers=workers,
+            order=_make_order(seed, shuffle),
+            indices=indices,
+            drop_last=drop_last,
+            pipelines={
+                "image": [decoder, ToTensor()],
+                "label": [IntDecoder(), ToTensor(), Squeeze()],
+            },
+        )
+        self._mean = torch.tensor(info.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self._std = torch.tensor(info.std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        self._loader.next_epoch = epoch
+        for images, labels in self._loader:
+            x = images.permute(0, 3, 1, 2).float().div_(255)
+            x = (x - self._mean) / self._std
+            # FFCV reuses its batch buffers: copy before handing a batch on.
+            yield x.contiguous(), labels.reshape(-1).to(torch.int64, copy=True)
+
+
+class FeatureLoader:
+    """Float32 batches of a stage's cached features and their labels.
+
+    When the split fits ``memory_budget`` bytes it is read whole, sequentially, and
+    batches follow :func:`epoch_permutation` exactly. Otherwise whole chunks are read
+    in a shuffled order by a read-ahead thread and samples are shuffled within a
+    buffer of ``buffer_chunks`` chunks; the order still depends only on seed and epoch.
+    """
+
+    def __init__(
+        self,
+        features,
+        labels: np.ndarray,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        memory_budget: int = 8 << 30,
+        buffer_chunks: int = 8,
+    ):
+        self.features = features
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.num_samples = features.shape[0]
+        self.buffer_chunks = buffer_chunks
+        nbytes = int(np.prod(features.shape)) * features.dtype.itemsize
+        self._in_memory = None
+        if nbytes <= memory_budget:
+            log.info("holding %.1f MB of features in memory", nbytes / 1e6)
+            self._in_memory = np.asarray(features[:])
+
+    @property
+    def in_memory(self) -> bool:
+        return self._in_memory is not None
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        if self._in_memory is not None:
+            yield from self._from_memory(epoch)
+        else:
+            yield from self._from_chunks(epoch)
+
+    def _batches(self, order: np.ndarray) -> Iterator[np.ndarray]:
+        stop = len(self) * self.batch_size if self.drop_last else len(order)
+        for start in range(0, stop, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+    def _from_memory(self, epoch: int) -> Iterator[Batch]:
+        if self.shuffle:
+            order = epoch_permutation(self.num_samples, self.seed, epoch)
+        else:
+            order = np.arange(self.num_samples)
+        for idx in self._batches(order):
+            x = torch.from_numpy(self._in_memory[idx])
+            yield x.float(), torch.from_numpy(self.labels[idx])
+
+    def _from_chunks(self, epoch: int) -> Iterator[Batch]:
+        chunk = self.features.chunks[0]
+        starts = np.arange(0, self.num_samples, chunk)
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.shuffle:
+            starts = starts[rng.permutation(len(starts))]
+
+        # A thread reads whole chunks ahead of training.
+        reads: queue.Queue = queue.Queue(maxsize=2)
+
+        def read_ahead():
+            for s in starts:
+                stop = min(s + chunk, self.num_samples)
+                reads.put((np.asarray(self.features[s:stop]), self.labels[s:stop]))
+            reads.put(None)
+
+        threading.Thread(target=read_ahead, daemon=True).start()
+
+        # Shuffle blocks of buffer_chunks chunks; a partial batch carries over.
+        xs, ys, held = [], [], 0
+        while (item := reads.get()) is not None:
+            xs.append(item[0])
+            ys.append(item[1])
+            held += len(item[1])
+            if held >= self.buffer_chunks * chunk:
+                x, y = self._mix(xs, ys, rng)
+                full = len(y) - len(y) % self.batch_size
+                yield from self._slices(x[:full], y[:full])
+                xs, ys, held = [x[full:]], [y[full:]], len(y) - full
+        if held:
+            x, y = self._mix(xs, ys, rng)
+            if self.drop_last:
+                x, y = (
+                    x[: len(y) - len(y) % self.batch_size],
+                    y[: len(y) - len(y) % self.batch_size],
+                )
+            yield from self._slices(x, y)
+
+    def _mix(self, xs, ys, rng) -> tuple[np.ndarray, np.ndarray]:
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        if self.shuffle:
+            mix = rng.permutation(len(y))
+            x, y = x[mix], y[mix]
+        return x, y
+
+    def _slices(self, x: np.ndarray, y: np.ndarray) -> Iterator[Batch]:
+        for start in range(0, len(y), self.batch_size):
+            stop = start + self.batch_size
+            yield torch.from_numpy(x[start:stop]).float(), torch.from_numpy(y[start:stop])

@@ -205,7 +205,12 @@ def _run_options(f):
     default=None,
     help="Override the architecture's epochs for this stage.",
 )
-@click.option("--steps", type=click.IntRange(1), default=None, help="Stop after N steps.")
+@click.option(
+    "--steps",
+    type=click.IntRange(1),
+    default=None,
+    help="Train exactly N steps instead of the epochs (schedule scaled to N).",
+)
 @workers_option
 @threads_option
 def train_layer_cmd(run_dir, j, preset, data, seed, source, epochs, steps, workers, threads):

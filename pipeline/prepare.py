@@ -258,9 +258,8 @@ def _split_holdout(splits: dict, holdout: int, seed: int) -> dict:
         raise DataError(f"--holdout {holdout} must be between 1 and {n - 1} (training samples)")
     order = np.random.default_rng(seed).permutation(n)
     keep, held = np.sort(order[holdout:]), np.sort(order[:holdout])
-    out = dict(splits)
-    out["train"] = _take(train, keep)
-    out["holdout"] = _take(train, held)
+    out = {"train": _take(train, keep), "holdout": _take(train, held)}
+    out.update((name, split) for name, split in splits.items() if name != "train")
     return out
 
 

@@ -83,7 +83,7 @@ def train_layer(settings: TrainSettings, run: Run | None = None) -> TrainResult:
         )
     total_steps = epochs * len(loader)
     if settings.max_steps is not None:
-        total_steps = min(total_steps, settings.max_steps)
+        total_steps = settings.max_steps
         epochs = math.ceil(total_steps / len(loader))
 
     # Stage j and its head, initialised from the run's seed.

@@ -1,0 +1,306 @@
+"""Each command through click's CliRunner: exit codes, messages and files."""
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from cli import main
+from pipeline.cache import MANIFEST_KEY
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def ok(*args):
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def refused(*args, match: str):
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    assert match in result.output, result.output
+    return result
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_data, tiny_arch):
+    """A run with stage 0 trained."""
+    run = tmp_path / "run"
+    ok("train-layer", "--run", run, "--j", 0, "--preset", tiny_arch, "--data", tiny_data)
+    return run
+
+
+def test_describe_preset():
+    out = ok("describe", "imagenet-k1").output
+    assert "imagenet-k1: 8 stages, input 3x224x224, 1000 classes" in out
+    assert "4096x7x7" in out and "6.1 MiB" in out
+
+
+def test_describe_user_json(tiny_arch):
+    out = ok("describe", tiny_arch, "--dtype", "float32").output
+    assert "tiny: 3 stages" in out and "cached (float32)" in out
+
+
+def test_describe_unknown_preset():
+    refused("describe", "resnet50", match="unknown preset 'resnet50'; choose one of")
+
+
+def test_prepare_fashion_mnist(tmp_path, fmnist_src):
+    out = tmp_path / "data"
+    result = ok("prepare", "fashion-mnist", fmnist_src, "--out", out, "--holdout", 100)
+    assert "train 412, holdout 100, test 128" in result.output
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["splits"]["holdout"]["count"] == 100
+    assert info["input_shape"] == [1, 28, 28]
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["T-shirt/top"] == 0 and labels["Ankle boot"] == 9
+    for split in ("train", "holdout", "test"):
+        assert (out / f"{split}.beton").stat().st_size > 0
+
+
+def test_prepare_fashion_mnist_missing_files(tmp_path):
+    refused(
+        "prepare",
+        "fashion-mnist",
+        tmp_path,
+        "--out",
+        tmp_path / "d",
+        match="install the Debian package dataset-fashion-mnist",
+    )
+
+
+def test_prepare_holdout_too_large(tmp_path, fmnist_src):
+    refused(
+        "prepare",
+        "fashion-mnist",
+        fmnist_src,
+        "--out",
+        tmp_path / "d",
+        "--holdout",
+        512,
+        match="--holdout 512 must be between 1 and 511",
+    )
+
+
+def test_prepare_cifar10(tmp_path, cifar_src):
+    out = tmp_path / "cifar"
+    result = ok("prepare", "cifar10", cifar_src, "--out", out)
+    assert "train 100, test 20" in result.output and "3x32x32" in result.output
+    labels = json.loads((out / "labels.json").read_text())
+    assert list(labels)[:2] == ["airplane", "automobile"]
+
+
+def test_prepare_cifar10_needs_src(tmp_path):
+    refused("prepare", "cifar10", "--out", tmp_path / "d", match="needs SRC")
+
+
+def test_prepare_folder_and_train_on_jpegs(tmp_path, folder_src):
+    out = tmp_path / "folder-data"
+    ok("prepare", "folder", folder_src, "--out", out, "--max-resolution", 64)
+    labels = json.loads((out / "labels.json").read_text())
+    assert list(labels) == sorted(labels) and len(labels) == 10
+    arch = tmp_path / "rgb.json"
+    arch.write_text(
+        json.dumps(
+            {
+                "name": "rgb",
+                "input_shape": [3, 32, 32],
+                "num_classes": 10,
+                "stages": [{"width": 4, "downsample": True}],
+                "training": {"epochs": 1, "batch_size": 8, "lr": 0.01},
+            }
+        )
+    )
+    ok("train-layer", "--run", tmp_path / "r", "--j", 0, "--preset", arch, "--data", out)
+    result = ok("eval", "--run", tmp_path / "r")
+    assert "on split val (20 samples)" in result.output
+
+
+def test_prepare_folder_without_train(tmp_path):
+    (tmp_path / "src").mkdir()
+    refused(
+        "prepare", "folder", tmp_path / "src", "--out", tmp_path / "d", match="has no train/ folder"
+    )
+
+
+def test_train_layer_new_run_needs_preset_and_data(tmp_path):
+    refused(
+        "train-layer",
+        "--run",
+        tmp_path / "new",
+        "--j",
+        0,
+        match="the first command on it needs --preset and --data",
+    )
+
+
+def test_train_layer_refuses_data_that_does_not_fit(tmp_path, tiny_data):
+    refused(
+        "train-layer",
+        "--run",
+        tmp_path / "r",
+        "--j",
+        0,
+        "--preset",
+        "cifar10-k3",
+        "--data",
+        tiny_data,
+        match="takes 3-channel images but",
+    )
+
+
+def test_train_layer_records_settings_and_metrics(run_dir):
+    record = json.loads((run_dir / "stage_0" / "record.json").read_text())
+    assert record["source"] == "cache" and record["input"]["kind"] == "images"
+    assert len(record["stage_hash"]) == 64
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["environment"]["versions"]["torch"]
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epoch = next(e for e in epochs if e["event"] == "epoch")
+    assert {"loss", "accuracy", "lr", "samples_per_s", "data_wait_share"} <= set(epoch)
+
+
+def test_train_layer_refuses_untrained_stage_below(tmp_path, tiny_data, tiny_arch):
+    run = tmp_path / "run"
+    refused(
+        "train-layer",
+        "--run",
+        run,
+        "--j",
+        1,
+        "--preset",
+        tiny_arch,
+        "--data",
+        tiny_data,
+        match=f"stage 0 is not trained (or is stale); run `greedy-cli train-layer --run {run} "
+        "--j 0` first",
+    )
+
+
+def test_train_layer_refuses_uncached_stage_below(run_dir):
+    refused(
+        "train-layer",
+        "--run",
+        run_dir,
+        "--j",
+        1,
+        match=f"run `greedy-cli cache-features --run {run_dir} --j 0` first",
+    )
+
+
+def test_train_layer_recompute_needs_no_cache(run_dir):
+    result = ok("train-layer", "--run", run_dir, "--j", 1, "--source", "recompute", "--steps", 3)
+    assert "stage 1 trained" in result.output
+    record = json.loads((run_dir / "stage_1" / "record.json").read_text())
+    assert record["source"] == "recompute" and record["steps"] == 3
+
+
+def test_train_layer_refuses_stale_cache(run_dir):
+    ok("cache-features", "--run", run_dir, "--j", 0)
+    ok("train-layer", "--run", run_dir, "--j", 0, "--steps", 2)  # new stage-0 weights
+    refused(
+        "train-layer", "--run", run_dir, "--j", 1, match="does not match the stages now trained"
+    )
+
+
+def test_train_layer_refuses_incomplete_cache(run_dir):
+    ok("cache-features", "--run", run_dir, "--j", 0)
+    group = zarr.open_group(str(run_dir / "features" / "stage_0.zarr"), mode="r+")
+    group.attrs[MANIFEST_KEY] = {**group.attrs[MANIFEST_KEY], "complete": False}
+    refused(
+        "train-layer",
+        "--run",
+        run_dir,
+        "--j",
+        1,
+        match=f"is incomplete; run `greedy-cli cache-features --run {run_dir} --j 0` to finish it",
+    )
+
+
+def test_train_layer_stage_out_of_range(run_dir):
+    refused("train-layer", "--run", run_dir, "--j", 3, match="--j 3 is out of range")
+
+
+def test_train_layer_refuses_other_preset_on_existing_run(run_dir):
+    refused(
+        "train-layer",
+        "--run",
+        run_dir,
+        "--j",
+        0,
+        "--preset",
+        "fmnist",
+        match="was made with architecture 'tiny'",
+    )
+
+
+def test_cache_features_refuses_untrained_stage(run_dir):
+    refused(
+        "cache-features",
+        "--run",
+        run_dir,
+        "--j",
+        1,
+        match=f"stage 1 is not trained (or is stale); run `greedy-cli train-layer --run "
+        f"{run_dir} --j 1` first",
+    )
+
+
+def test_cache_features_writes_every_split(run_dir, tiny_data):
+    result = ok("cache-features", "--run", run_dir, "--j", 0)
+    assert "train 512, test 128" in result.output
+    group = zarr.open_group(str(run_dir / "features" / "stage_0.zarr"), mode="r")
+    manifest = group.attrs[MANIFEST_KEY]
+    assert manifest["complete"] and manifest["dtype"] == "float16"
+    assert group["train/features"].shape == (512, 8, 14, 14)
+    assert group["test/features"].dtype == np.float16
+    # Labels follow the dataset's order, the last partial batch included.
+    want = np.frombuffer(
+        __import__("gzip")
+        .open(next(p for p in tiny_data.parent.glob("fmnist-src*/t10k-labels-idx1-ubyte.gz")))
+        .read(),
+        np.uint8,
+        offset=8,
+    )
+    assert np.array_equal(group["test/labels"][:], want)
+
+
+def test_eval_refuses_untrained_stages(run_dir):
+    refused("eval", "--run", run_dir, match="stage 1 is not trained")
+
+
+def test_run_trains_caches_evaluates_then_skips(tmp_path, tiny_data):
+    from conftest import TINY_ARCH
+
+    tiny_arch = tmp_path / "tiny6.json"
+    tiny_arch.write_text(
+        json.dumps({**TINY_ARCH, "training": {**TINY_ARCH["training"], "epochs": 6, "lr": 0.1}})
+    )
+    run = tmp_path / "run"
+    first = ok("run", tiny_arch, "--data", tiny_data, "--run", run)
+    assert "final model" in first.output and "ensemble" in first.output
+    report = json.loads((run / "eval.json").read_text())
+    assert len(report["stages"]) == 3
+    for entry in [*report["stages"], report["final"], report["ensemble"]]:
+        assert 0 <= entry["top1"] <= entry["top5"] <= 100
+        assert entry["split"] == "test"
+    assert report["stages"][1]["input"] == "features of stage 1"
+    assert report["stages"][2]["input"] == "features of stage 1"
+    # The demo data is learnable: the final model beats chance by far.
+    assert report["final"]["top1"] > 30
+
+    weights = {j: (run / f"stage_{j}" / "weights.pt").read_bytes() for j in range(3)}
+    second = ok("run", tiny_arch, "--data", tiny_data, "--run", run)
+    assert "stage 2 is trained and current; skipping" in second.output
+    assert "eval.json is current; skipping evaluation" in second.output
+    for j in range(3):
+        assert (run / f"stage_{j}" / "weights.pt").read_bytes() == weights[j]
+    log = [json.loads(line)["event"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert log.count("stage_trained") == 3 and log.count("eval") == 1

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import dask
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import ZstdCodec
 
 from pipeline.errors import CacheError, RunStateError
 from pipeline.loaders import FeatureLoader, ImageLoader
@@ -226,7 +227,7 @@ def cache_features(settings: CacheSettings) -> dict:
             shape=(n, *out_shape),
             chunks=(chunk, *out_shape),
             dtype=settings.dtype,
-            compressors=BloscCodec(cname="zstd", clevel=settings.clevel, shuffle="shuffle"),
+            compressors=ZstdCodec(level=settings.clevel),
             fill_value=0,
         )
         labels = group.create_array(f"{split}/labels", shape=(n,), chunks=(n,), dtype="int64")
@@ -258,26 +259,39 @@ def _write_split(run, settings, stage, split, features, labels, batch_size) -> N
 
 
 def _write_region(run, settings, stage, split, features, start, stop, batch_size, chunk, progress):
+    """Compute samples start..stop and write them chunk by chunk; return their labels.
+
+    A chunk is compressed and written by a second thread while the next one is computed.
+    """
     loader = _region_input(run, settings, split, start, stop, batch_size)
-    buffer = np.empty((0, *features.shape[1:]), dtype=settings.dtype)
-    all_labels = []
-    offset = start
-    with torch.no_grad():
+    buffer = np.empty((chunk, *features.shape[1:]), dtype=settings.dtype)
+    labels, filled, offset, pending = [], 0, start, None
+    with ThreadPoolExecutor(max_workers=1) as writer, torch.no_grad():
         for x, y in loader.epoch(0):
             out = stage(x).numpy().astype(settings.dtype)
-            _check_finite(out, settings.j, split, offset + len(buffer))
-            buffer = np.concatenate([buffer, out]) if len(buffer) else out
-            all_labels.append(y.numpy())
-            while len(buffer) >= chunk or (len(buffer) and offset + len(buffer) == stop):
-                take = min(chunk, len(buffer))
-                features[offset : offset + take] = buffer[:take]
-                offset += take
-                buffer = buffer[take:]
+            _check_finite(out, settings.j, split, offset + filled)
+            labels.append(y.numpy())
+            used = 0
+            while used < len(out):
+                take = min(chunk - filled, len(out) - used)
+                buffer[filled : filled + take] = out[used : used + take]
+                filled, used = filled + take, used + take
+                if filled == chunk or offset + filled == stop:
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(_store, features, offset, buffer[:filled].copy())
+                    offset, filled = offset + filled, 0
             if progress is not None:
                 progress.update(len(y))
+        if pending is not None:
+            pending.result()
     if offset != stop:
         raise CacheError(f"split {split}: wrote samples {start}..{offset}, expected up to {stop}")
-    return np.concatenate(all_labels)
+    return np.concatenate(labels)
+
+
+def _store(features, offset: int, values: np.ndarray) -> None:
+    features[offset : offset + len(values)] = values
 
 
 def _region_input(

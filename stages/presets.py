@@ -39,7 +39,7 @@ def _stages(widths, downsample_at, batch_norm, k, head_widths=None):
     ]
 
 
-FMNIST_TRAINING = {**CIFAR_TRAINING, "epochs": 4}
+FMNIST_TRAINING = {**CIFAR_TRAINING, "epochs": 6}
 
 PRESETS: dict[str, dict] = {
     "fmnist": {

@@ -1,6 +1,7 @@
 """The ``greedy-cli`` command line: one thin verb per step of greedy training."""
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -162,7 +163,6 @@ def prepare(dataset, src, out, holdout, seed, max_resolution, workers) -> None:
             seed=seed,
             max_resolution=max_resolution,
             workers=workers,
-            progress=True,
         )
     )
     splits = ", ".join(f"{k} {v.count:,}" for k, v in info.splits.items())
@@ -215,22 +215,22 @@ def _run_options(f):
 @threads_option
 def train_layer_cmd(run_dir, j, preset, data, seed, source, epochs, steps, workers, threads):
     """Train stage J and its auxiliary head, stages 0..J-1 frozen."""
-    from pipeline.rundir import Run
     from pipeline.train import TrainSettings, train_layer
 
-    run = Run.open(run_dir, preset, data, seed)
+    _set_threads(threads)
     result = train_layer(
         TrainSettings(
             run=run_dir,
             j=j,
+            preset=preset,
+            data=data,
+            seed=seed,
             source=source,
             epochs=epochs,
             max_steps=steps,
             workers=workers,
-            threads=threads,
-            progress=True,
-        ),
-        run,
+            progress=_bar,
+        )
     )
     rec = result.record
     click.echo(
@@ -264,6 +264,7 @@ def cache_features_cmd(run_dir, j, dtype, batch_size, chunk_mb, workers, threads
     """Write stage J's outputs over every split to RUN/features/stage_J.zarr."""
     from pipeline.cache import CacheSettings, cache_features
 
+    _set_threads(threads)
     manifest = cache_features(
         CacheSettings(
             run=run_dir,
@@ -272,8 +273,7 @@ def cache_features_cmd(run_dir, j, dtype, batch_size, chunk_mb, workers, threads
             batch_size=batch_size,
             chunk_mb=chunk_mb,
             workers=workers,
-            threads=threads,
-            progress=True,
+            progress=_bar,
         )
     )
     splits = ", ".join(f"{k} {v:,}" for k, v in manifest["splits"].items())
@@ -289,9 +289,8 @@ def eval_cmd(run_dir, split, workers, threads):
     """Top-1 and top-5 of every stage's head, the final model and the ensemble."""
     from pipeline.evaluate import EvalSettings, evaluate
 
-    report = evaluate(
-        EvalSettings(run=run_dir, split=split, workers=workers, threads=threads, progress=True)
-    )
+    _set_threads(threads)
+    report = evaluate(EvalSettings(run=run_dir, split=split, workers=workers, progress=_bar))
     click.echo(format_report(report))
     click.echo(f"written to {Path(run_dir) / 'eval.json'}")
 
@@ -317,20 +316,32 @@ def run_cmd(preset, data, run_dir, seed, source, dtype, workers, threads):
     """Train, cache and evaluate every stage of PRESET, skipping what is current."""
     from pipeline.greedy import RunSettings, run_greedy
 
+    _set_threads(threads)
     report = run_greedy(
         RunSettings(
             preset=preset,
             data=data,
             run=run_dir,
-            seed=seed if seed is not None else 0,
+            seed=seed,
             source=source,
             dtype=dtype,
             workers=workers,
-            threads=threads,
-            progress=True,
+            progress=_bar,
         )
     )
     click.echo(format_report(report))
+
+
+def _bar(total: int, desc: str, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, mininterval=1.0)
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count())
 
 
 def format_report(report: dict) -> str:

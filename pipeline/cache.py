@@ -11,7 +11,6 @@ input it was computed from; ``complete`` is set last, once every split is writte
 
 import hashlib
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from zarr.codecs import ZstdCodec
 
 from pipeline.errors import CacheError, RunStateError
 from pipeline.loaders import FeatureLoader, ImageLoader
+from pipeline.progress import BarFactory, open_bar
 from pipeline.rundir import Run
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,10 @@ class CacheSettings:
     dtype: str = "float16"
     batch_size: int | None = None
     chunk_mb: float = 4.0
+    region_mb: float = 1024.0
     clevel: int = 1
     workers: int = 2
-    threads: int | None = None
-    progress: bool = False
+    progress: BarFactory | None = None
 
 
 def manifest_id(manifest: dict) -> str:
@@ -76,6 +76,14 @@ def cache_state(run: Run, j: int) -> str:
     return "current"
 
 
+def cache_ids(run: Run) -> list[str | None]:
+    """The id of each stage's current cache, None where a stage has none."""
+    return [
+        read_manifest(run.features_path(j))["id"] if cache_state(run, j) == "current" else None
+        for j in range(run.arch.depth)
+    ]
+
+
 def open_features(run: Run, j: int, split: str) -> tuple[zarr.Array, np.ndarray, dict]:
     """Stage j's cached features and labels for ``split``, refusing a store that is not current."""
     path = run.features_path(j)
@@ -84,17 +92,24 @@ def open_features(run: Run, j: int, split: str) -> tuple[zarr.Array, np.ndarray,
     if state == "missing":
         raise CacheError(f"stage {j} has no cached features in {path}; run {redo} first")
     if state == "incomplete":
-        raise CacheError(f"the feature store {path} is incomplete; run {redo} to finish it")
+        raise CacheError(f"the cache {path} is incomplete; run {redo} to finish it")
     if state == "stale":
         raise CacheError(
-            f"the feature store {path} does not match the stages now trained "
+            f"the cache {path} does not match the stages now trained "
             f"(a stage at or below {j} was retrained, or the store's format differs); run {redo}"
         )
     group = zarr.open_group(str(path), mode="r")
     manifest = group.attrs[MANIFEST_KEY]
     if split not in manifest["splits"]:
         raise CacheError(f"{path} has no split {split!r}; it has {sorted(manifest['splits'])}")
-    return group[f"{split}/features"], np.asarray(group[f"{split}/labels"][:]), manifest
+    features, labels = group[f"{split}/features"], np.asarray(group[f"{split}/labels"][:])
+    want = (manifest["splits"][split], *manifest["shape"])
+    if features.shape != want or labels.shape != want[:1]:
+        raise CacheError(
+            f"{path}/{split} holds features {features.shape} and labels {labels.shape}, its "
+            f"manifest promises {want}; the store was altered. Run {redo}"
+        )
+    return features, labels, manifest
 
 
 def stage_input(
@@ -173,7 +188,6 @@ def cache_features(settings: CacheSettings) -> dict:
         raise CacheError(
             f"--dtype {settings.dtype} is not supported; choose one of {list(STORAGE_DTYPES)}"
         )
-    torch.set_num_threads(settings.threads or os.cpu_count())
     if not run.stage_current(j):
         raise RunStateError(
             f"stage {j} is not trained (or is stale); run "
@@ -194,12 +208,7 @@ def cache_features(settings: CacheSettings) -> dict:
         "dtype": settings.dtype,
         "shape": list(out_shape),
         "chunk_samples": chunk,
-        "codec": {
-            "name": "blosc",
-            "cname": "zstd",
-            "clevel": settings.clevel,
-            "shuffle": "shuffle",
-        },
+        "codec": {"name": "zstd", "level": settings.clevel},
         "batch_size": batch_size,
         "splits": splits,
         "complete": False,
@@ -240,22 +249,27 @@ def cache_features(settings: CacheSettings) -> dict:
 
 
 def _write_split(run, settings, stage, split, features, labels, batch_size) -> None:
-    """Compute and write one split as dask tasks, each a run of whole chunks."""
+    """Compute and write one split as dask tasks, each a region of whole chunks.
+
+    Regions never share a chunk, so tasks need no lock. They run on dask's synchronous
+    scheduler, in this process, with torch using every core.
+    TODO: accept a dask.distributed scheduler address to run the regions on a cluster.
+    """
     n = features.shape[0]
     chunk = features.chunks[0]
-    # One region per split locally; regions are whole chunks so tasks never share one.
-    regions = [(0, n)]
-    progress = _progress(settings, n, f"cache stage {settings.j} {split}")
+    chunk_bytes = chunk * int(np.prod(features.shape[1:])) * features.dtype.itemsize
+    region = chunk * max(1, int(settings.region_mb * 2**20 // chunk_bytes))
+    regions = [(a, min(a + region, n)) for a in range(0, n, region)]
+    bar = open_bar(settings.progress, n, f"cache stage {settings.j} {split}", "img")
     tasks = [
         dask.delayed(_write_region)(
-            run, settings, stage, split, features, a, b, batch_size, chunk, progress
+            run, settings, stage, split, features, a, b, batch_size, chunk, bar
         )
         for a, b in regions
     ]
     results = dask.compute(*tasks, scheduler="synchronous")
-    labels[:] = np.concatenate([r for r in results])
-    if progress is not None:
-        progress.close()
+    labels[:] = np.concatenate(results)
+    bar.close()
 
 
 def _write_region(run, settings, stage, split, features, start, stop, batch_size, chunk, progress):
@@ -281,8 +295,7 @@ def _write_region(run, settings, stage, split, features, start, stop, batch_size
                         pending.result()
                     pending = writer.submit(_store, features, offset, buffer[:filled].copy())
                     offset, filled = offset + filled, 0
-            if progress is not None:
-                progress.update(len(y))
+            progress.update(len(y))
         if pending is not None:
             pending.result()
     if offset != stop:
@@ -334,11 +347,3 @@ def _check_finite(out: np.ndarray, j: int, split: str, first: int) -> None:
             f"stage {j} produced a non-finite value for {split} sample {sample} "
             f"(after the cast to the storage dtype); nothing further was written"
         )
-
-
-def _progress(settings: CacheSettings, total: int, desc: str):
-    if not settings.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", mininterval=1.0)

@@ -25,7 +25,7 @@ class DatasetInfo:
     num_classes: int
     classes: tuple[str, ...]
     splits: dict[str, SplitInfo]
-    eval_split: str
+    eval_split: str | None  # the split eval measures by default: test, val, or none
     mean: tuple[float, ...]
     std: tuple[float, ...]
     holdout: int
@@ -53,21 +53,26 @@ class DatasetInfo:
         path = Path(root) / "dataset.json"
         if not path.is_file():
             raise DataError(
-                f"no prepared dataset in {root} ({path.name} missing); "
-                f"run `greedy-cli prepare fashion-mnist --out {root}` first"
+                f"no prepared dataset in {root} ({path.name} missing); run `greedy-cli prepare "
+                f"DATASET [SRC] --out {root}` first (a run made from {root} needs it restored "
+                "as it was: preparing again gives the data a new id)"
             )
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{path} is not valid JSON ({err}); prepare the dataset again") from err
         if data.get("format") != DATASET_FORMAT:
             raise DataError(
                 f"{path} has format {data.get('format')!r}, this version reads {DATASET_FORMAT}; "
                 "prepare the dataset again"
             )
-        data["splits"] = {k: SplitInfo(**v) for k, v in data["splits"].items()}
-        data["input_shape"] = tuple(data["input_shape"])
-        data["classes"] = tuple(data["classes"])
-        data["mean"] = tuple(data["mean"])
-        data["std"] = tuple(data["std"])
-        info = cls(root=Path(root).resolve(), **data)
+        try:
+            data["splits"] = {k: SplitInfo(**v) for k, v in data["splits"].items()}
+            for key in ("input_shape", "classes", "mean", "std"):
+                data[key] = tuple(data[key])
+            info = cls(root=Path(root).resolve(), **data)
+        except (KeyError, TypeError) as err:
+            raise DataError(f"{path} is incomplete ({err}); prepare the dataset again") from err
         for split in info.splits:
             if not info.path(split).is_file():
                 raise DataError(

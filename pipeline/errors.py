@@ -14,4 +14,4 @@ class RunStateError(GreedyError):
 
 
 class CacheError(GreedyError):
-    """A feature store is missing, incomplete, or does not match the stage it claims to hold."""
+    """A cache is missing, incomplete, or does not match the stage it claims to hold."""

@@ -1,7 +1,6 @@
 """Accuracies of every stage's head, of the final model and of the paper's ensemble."""
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache import cache_state, open_features, read_manifest
+from pipeline.cache import cache_ids, cache_state, open_features, read_manifest
 from pipeline.errors import RunStateError
 from pipeline.loaders import FeatureLoader, ImageLoader
+from pipeline.progress import BarFactory, open_bar
 from pipeline.rundir import Run, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -23,8 +23,7 @@ class EvalSettings:
     split: str | None = None
     batch_size: int = 500
     workers: int = 2
-    threads: int | None = None
-    progress: bool = False
+    progress: BarFactory | None = None
 
 
 class TopK:
@@ -51,8 +50,12 @@ class TopK:
 
 def evaluate(settings: EvalSettings) -> dict:
     run = Run.open(settings.run)
-    torch.set_num_threads(settings.threads or os.cpu_count())
     split = settings.split or run.data.eval_split
+    if split is None:
+        raise RunStateError(
+            f"the dataset {run.data.root} has no test or val split; pass --split, one of "
+            f"{sorted(run.data.splits)}"
+        )
     run.data.path(split)
     for j in range(run.arch.depth):
         if not run.stage_current(j):
@@ -80,6 +83,7 @@ def evaluate(settings: EvalSettings) -> dict:
         "ensemble": ensemble,
         "cache_fidelity": fidelity,
         "lineage": run.lineage(run.arch.depth),
+        "caches": cache_ids(run),
         "seconds": round(time.perf_counter() - started, 2),
     }
     write_json_atomic(run.root / "eval.json", report)
@@ -134,11 +138,7 @@ def _final_from_images(run: Run, modules, split: str, settings: EvalSettings):
     max_ref = {j: 0.0 for j in cached}
 
     loader = _images(run, split, settings)
-    bar = None
-    if settings.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(loader), desc=f"eval {split}", unit="batch", leave=False)
+    bar = open_bar(settings.progress, len(loader), f"eval {split}", "batch")
     offset = 0
     with torch.no_grad():
         for x, y in loader.epoch(0):
@@ -155,10 +155,8 @@ def _final_from_images(run: Run, modules, split: str, settings: EvalSettings):
             final.update(logits, y)
             ensemble.update(votes, y)
             offset += len(y)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update(1)
+    bar.close()
 
     fidelity = [
         {

@@ -5,8 +5,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cache import CacheSettings, cache_features, cache_state
+from pipeline.cache import CacheSettings, cache_features, cache_ids, cache_state, read_manifest
 from pipeline.evaluate import EvalSettings, evaluate
+from pipeline.progress import BarFactory
 from pipeline.rundir import Run
 from pipeline.train import TrainSettings, train_layer
 
@@ -18,22 +19,17 @@ class RunSettings:
     preset: str
     data: Path
     run: Path
-    seed: int = 0
+    seed: int | None = None
     source: str = "cache"
     dtype: str = "float16"
     workers: int = 2
-    threads: int | None = None
     memory_budget: int = 8 << 30
-    progress: bool = False
+    progress: BarFactory | None = None
 
 
 def run_greedy(settings: RunSettings) -> dict:
     run = Run.open(settings.run, settings.preset, settings.data, settings.seed)
-    common = {
-        "workers": settings.workers,
-        "threads": settings.threads,
-        "progress": settings.progress,
-    }
+    common = {"workers": settings.workers, "progress": settings.progress}
     last = run.arch.depth - 1
 
     for j in range(run.arch.depth):
@@ -53,15 +49,25 @@ def run_greedy(settings: RunSettings) -> dict:
         # The last stage's features feed nothing but eval, which reads the one below.
         if j == last or settings.source == "recompute":
             continue
-        if cache_state(run, j) == "current":
+        manifest = read_manifest(run.features_path(j)) or {}
+        if cache_state(run, j) == "current" and manifest.get("dtype") == settings.dtype:
             log.info("stage %d features are cached and current; skipping", j)
         else:
             cache_features(CacheSettings(run=run.root, j=j, dtype=settings.dtype, **common))
 
-    eval_path = run.root / "eval.json"
-    if eval_path.is_file():
-        previous = json.loads(eval_path.read_text())
-        if previous.get("lineage") == run.lineage(run.arch.depth) and settings.source == "cache":
-            log.info("eval.json is current; skipping evaluation")
-            return previous
+    previous = _read_report(run.root / "eval.json")
+    if (
+        previous.get("lineage") == run.lineage(run.arch.depth)
+        and previous.get("split") == run.data.eval_split
+        and previous.get("caches") == cache_ids(run)
+    ):
+        log.info("eval.json is current; skipping evaluation")
+        return previous
     return evaluate(EvalSettings(run=run.root, **common))
+
+
+def _read_report(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}

@@ -174,24 +174,15 @@ class FeatureLoader:
         if self.shuffle:
             starts = starts[rng.permutation(len(starts))]
 
-        # A thread reads whole chunks ahead of training.
-        reads: queue.Queue = queue.Queue(maxsize=2)
-
-        def read_ahead():
-            for s in starts:
-                stop = min(s + chunk, self.num_samples)
-                reads.put((np.asarray(self.features[s:stop]), self.labels[s:stop]))
-            reads.put(None)
-
-        threading.Thread(target=read_ahead, daemon=True).start()
-
-        # Shuffle blocks of buffer_chunks chunks; a partial batch carries over.
+        # Shuffle blocks of at least buffer_chunks chunks and one batch; a partial batch
+        # carries over to the next block.
+        block = max(self.buffer_chunks * chunk, self.batch_size)
         xs, ys, held = [], [], 0
-        while (item := reads.get()) is not None:
-            xs.append(item[0])
-            ys.append(item[1])
-            held += len(item[1])
-            if held >= self.buffer_chunks * chunk:
+        for x, y in self._read_ahead(starts, chunk):
+            xs.append(x)
+            ys.append(y)
+            held += len(y)
+            if held >= block:
                 x, y = self._mix(xs, ys, rng)
                 full = len(y) - len(y) % self.batch_size
                 yield from self._slices(x[:full], y[:full])
@@ -204,6 +195,44 @@ class FeatureLoader:
                     y[: len(y) - len(y) % self.batch_size],
                 )
             yield from self._slices(x, y)
+
+    def _read_ahead(self, starts: np.ndarray, chunk: int) -> Iterator[tuple[np.ndarray, ...]]:
+        """Whole chunks in the order of ``starts``, read by a thread one chunk ahead.
+
+        A read error is raised here; leaving the loop early stops the thread.
+        """
+        reads: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def offer(item) -> bool:
+            while not stop.is_set():
+                try:
+                    reads.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work():
+            try:
+                for s in starts:
+                    end = min(s + chunk, self.num_samples)
+                    if not offer((np.asarray(self.features[s:end]), self.labels[s:end])):
+                        return
+                offer(None)
+            except BaseException as err:  # handed to the consumer, raised there
+                offer(err)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        try:
+            while (item := reads.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
 
     def _mix(self, xs, ys, rng) -> tuple[np.ndarray, np.ndarray]:
         x, y = np.concatenate(xs), np.concatenate(ys)

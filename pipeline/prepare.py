@@ -42,7 +42,6 @@ class PrepareSettings:
     seed: int = 0
     max_resolution: int = 256
     workers: int = 2
-    progress: bool = False
 
 
 @dataclass
@@ -103,6 +102,8 @@ def prepare(settings: PrepareSettings) -> DatasetInfo:
 
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
+    # Until the new dataset.json is written, the folder holds no dataset at all.
+    (out / "dataset.json").unlink(missing_ok=True)
     (out / "labels.json").write_text(json.dumps({c: i for i, c in enumerate(classes)}, indent=1))
     kind = "array" if isinstance(splits["train"], ArraySplit) else "image"
     mean, std = _channel_stats(splits["train"])
@@ -128,7 +129,7 @@ def prepare(settings: PrepareSettings) -> DatasetInfo:
         num_classes=len(classes),
         classes=tuple(classes),
         splits=split_infos,
-        eval_split="test" if "test" in split_infos else "val",
+        eval_split=next((s for s in ("test", "val") if s in split_infos), None),
         mean=tuple(mean),
         std=tuple(std),
         holdout=settings.holdout,

@@ -1,10 +1,10 @@
-"""A run directory: its settings, trained stages, feature stores and their lineage.
+"""A run directory: its settings, trained stages, caches and their lineage.
 
 Layout::
 
     RUN/run.json                 preset, data, seed, library versions, git commit
     RUN/arch.json                the resolved architecture
-    RUN/metrics.jsonl            one JSON object per epoch and per finished step
+    RUN/metrics.jsonl            one JSON object per epoch, trained stage and evaluation
     RUN/stage_<j>/weights.pt     stage j and its auxiliary head
     RUN/stage_<j>/record.json    hashes, input lineage, settings and results of training
     RUN/features/stage_<j>.zarr  stage j's outputs over every split
@@ -23,6 +23,7 @@ import platform
 import subprocess
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -45,6 +46,16 @@ def state_hash(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def read_json(path: Path, remedy: str) -> dict:
+    """A JSON file's content, or a RunStateError naming the file and ``remedy``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise RunStateError(f"{path} is missing; {remedy}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunStateError(f"{path} is not valid JSON ({err}); {remedy}") from err
+
+
 def write_json_atomic(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -60,10 +71,8 @@ def environment_record() -> dict:
     for mod in (numpy, zarr, dask):
         versions[mod.__name__] = mod.__version__
     try:
-        from importlib.metadata import version
-
-        versions["ffcv"] = version("ffcv")
-    except Exception:  # noqa: BLE001 - ffcv's metadata is optional information
+        versions["ffcv"] = metadata.version("ffcv")
+    except metadata.PackageNotFoundError:
         versions["ffcv"] = "unknown"
     try:
         commit = subprocess.run(
@@ -115,12 +124,13 @@ class Run:
                 )
             return cls.create(root, preset, data, seed if seed is not None else 0)
 
-        meta = json.loads(meta_path.read_text())
+        fresh = "start a new run directory"
+        meta = read_json(meta_path, fresh)
         if meta.get("format") != RUN_FORMAT:
             raise RunStateError(
                 f"{meta_path} has format {meta.get('format')!r}; this version reads {RUN_FORMAT}"
             )
-        arch = Architecture.from_dict(json.loads((root / "arch.json").read_text()))
+        arch = Architecture.from_dict(read_json(root / "arch.json", fresh))
         if preset is not None and load_architecture(preset) != arch:
             raise RunStateError(
                 f"{root} was made with architecture {arch.name!r}; --preset {preset} differs. "
@@ -138,7 +148,10 @@ class Run:
                 f"(id {info.id[:8]}, run has {meta['dataset_id'][:8]}); start a new run directory"
             )
         if seed is not None and seed != meta["seed"]:
-            raise RunStateError(f"{root} was made with --seed {meta['seed']}, not {seed}")
+            raise RunStateError(
+                f"{root} was made with --seed {meta['seed']}, not {seed}; leave --seed out to "
+                "continue it, or use a new --run directory for another seed"
+            )
         return cls(root=root, arch=arch, data=info, seed=meta["seed"])
 
     @classmethod
@@ -146,6 +159,14 @@ class Run:
         arch = load_architecture(preset)
         info = DatasetInfo.load(Path(data))
         check_compatible(arch, info)
+        leftovers = sorted(p.name for p in root.glob("stage_*")) + (
+            ["features"] if (root / "features").exists() else []
+        )
+        if leftovers:
+            raise RunStateError(
+                f"{root} has no run.json but holds {leftovers} from an earlier run; "
+                "remove them or choose a new --run directory"
+            )
         root.mkdir(parents=True, exist_ok=True)
         (root / "arch.json").write_text(arch.to_json())
         write_json_atomic(
@@ -200,9 +221,15 @@ class Run:
                 f"run `greedy-cli train-layer --run {self.root} --j {j}` first"
             )
         stage, head = self.build_stage(j)
-        saved = torch.load(self.weights_path(j), map_location="cpu", weights_only=True)
-        stage.load_state_dict(saved["stage"])
-        head.load_state_dict(saved["head"])
+        try:
+            saved = torch.load(self.weights_path(j), map_location="cpu", weights_only=True)
+            stage.load_state_dict(saved["stage"])
+            head.load_state_dict(saved["head"])
+        except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on bad bytes
+            raise RunStateError(
+                f"{self.weights_path(j)} cannot be loaded ({err}); retrain with "
+                f"`greedy-cli train-layer --run {self.root} --j {j}`"
+            ) from err
         if state_hash(stage) != record["stage_hash"]:
             raise RunStateError(
                 f"{self.weights_path(j)} does not match its record (hash differs); "
@@ -212,6 +239,8 @@ class Run:
 
     def save_stage(self, j: int, stage: Stage, head: AuxHead, record: dict) -> dict:
         self.stage_dir(j).mkdir(parents=True, exist_ok=True)
+        # Without its record, a stage is untrained: never current over other weights.
+        self.record_path(j).unlink(missing_ok=True)
         tmp = self.weights_path(j).with_suffix(".pt.tmp")
         torch.save({"stage": stage.state_dict(), "head": head.state_dict()}, tmp)
         os.replace(tmp, self.weights_path(j))
@@ -225,7 +254,7 @@ class Run:
         path = self.record_path(j)
         if not path.is_file() or not self.weights_path(j).is_file():
             return None
-        return json.loads(path.read_text())
+        return read_json(path, f"retrain with `greedy-cli train-layer --run {self.root} --j {j}`")
 
     def lineage(self, j: int) -> list[str] | None:
         """Dataset id and stage hashes 0..j-1 as now on disk; None if one is missing."""

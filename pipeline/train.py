@@ -2,7 +2,6 @@
 
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from torch.nn import functional as F
 
 from pipeline.cache import stage_input
 from pipeline.errors import GreedyError
+from pipeline.progress import BarFactory, open_bar
 from pipeline.rundir import Run
 
 log = logging.getLogger(__name__)
@@ -23,13 +23,15 @@ SOURCES = ("cache", "recompute")
 class TrainSettings:
     run: Path
     j: int
+    preset: str | None = None
+    data: Path | None = None
+    seed: int | None = None
     source: str = "cache"
     epochs: int | None = None
     max_steps: int | None = None
     workers: int = 2
-    threads: int | None = None
     memory_budget: int = 8 << 30
-    progress: bool = False
+    progress: BarFactory | None = None
 
 
 @dataclass
@@ -54,12 +56,11 @@ def lr_at(step: int, total_steps: int, lr: float, drops: tuple[float, ...], fact
 
 
 def train_layer(settings: TrainSettings, run: Run | None = None) -> TrainResult:
-    run = run or Run.open(settings.run)
+    run = run or Run.open(settings.run, settings.preset, settings.data, settings.seed)
     j = settings.j
     run.check_stage_index(j)
     if settings.source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {settings.source!r}")
-    torch.set_num_threads(settings.threads or os.cpu_count())
     spec = run.arch.training
     epochs = settings.epochs or run.arch.epochs(j)
 
@@ -113,8 +114,11 @@ def train_layer(settings: TrainSettings, run: Run | None = None) -> TrainResult:
         seen = correct = 0
         loss_sum = wait = 0.0
         epoch_start = time.perf_counter()
-        bar = _bar(
-            settings, min(len(loader), total_steps - step), f"stage {j} epoch {epoch + 1}/{epochs}"
+        bar = open_bar(
+            settings.progress,
+            min(len(loader), total_steps - step),
+            f"stage {j} epoch {epoch + 1}/{epochs}",
+            "step",
         )
         tick = time.perf_counter()
         for x, y in loader.epoch(epoch):
@@ -144,11 +148,9 @@ def train_layer(settings: TrainSettings, run: Run | None = None) -> TrainResult:
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
             step += 1
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             tick = time.perf_counter()
-        if bar is not None:
-            bar.close()
+        bar.close()
 
         seconds = time.perf_counter() - epoch_start
         entry = {
@@ -192,9 +194,7 @@ def train_layer(settings: TrainSettings, run: Run | None = None) -> TrainResult:
             "seconds": round(time.perf_counter() - started, 2),
             "final_train_loss": history[-1]["loss"],
             "final_train_accuracy": history[-1]["accuracy"],
-            "settings": {
-                k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()
-            },
+            "settings": _settings_record(settings),
             "training": asdict(spec),
         },
     )
@@ -202,9 +202,7 @@ def train_layer(settings: TrainSettings, run: Run | None = None) -> TrainResult:
     return TrainResult(record=record, losses=losses)
 
 
-def _bar(settings: TrainSettings, total: int, desc: str):
-    if not settings.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", leave=False, mininterval=1.0)
+def _settings_record(settings: TrainSettings) -> dict:
+    record = asdict(settings)
+    record.pop("progress")
+    return {k: str(v) if isinstance(v, Path) else v for k, v in record.items()}

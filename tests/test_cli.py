@@ -304,3 +304,99 @@ def test_run_trains_caches_evaluates_then_skips(tmp_path, tiny_data):
         assert (run / f"stage_{j}" / "weights.pt").read_bytes() == weights[j]
     log = [json.loads(line)["event"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert log.count("stage_trained") == 3 and log.count("eval") == 1
+
+
+def test_corrupt_run_json_is_refused_cleanly(run_dir):
+    (run_dir / "run.json").write_text("{not json")
+    refused("train-layer", "--run", run_dir, "--j", 0, match="run.json is not valid JSON")
+
+
+def test_corrupt_weights_are_refused_cleanly(run_dir):
+    (run_dir / "stage_0" / "weights.pt").write_bytes(b"truncated")
+    refused("cache-features", "--run", run_dir, "--j", 0, match="cannot be loaded")
+
+
+def test_other_seed_is_refused_and_no_seed_continues(tmp_path, tiny_data, tiny_arch):
+    run = tmp_path / "run"
+    ok(
+        "train-layer",
+        "--run",
+        run,
+        "--j",
+        0,
+        "--preset",
+        tiny_arch,
+        "--data",
+        tiny_data,
+        "--seed",
+        1,
+        "--steps",
+        2,
+    )
+    refused(
+        "train-layer", "--run", run, "--j", 0, "--seed", 2, match="was made with --seed 1, not 2"
+    )
+    ok("train-layer", "--run", run, "--j", 0, "--steps", 2)
+    assert json.loads((run / "run.json").read_text())["seed"] == 1
+
+
+def test_new_run_refuses_leftovers(run_dir, tiny_data, tiny_arch):
+    (run_dir / "run.json").unlink()
+    refused(
+        "train-layer",
+        "--run",
+        run_dir,
+        "--j",
+        0,
+        "--preset",
+        tiny_arch,
+        "--data",
+        tiny_data,
+        match="holds ['stage_0'] from an earlier run",
+    )
+
+
+def test_eval_unknown_split(run_dir):
+    refused("eval", "--run", run_dir, "--split", "val", match="has no split 'val'")
+
+
+def test_altered_cache_is_refused(run_dir):
+    ok("cache-features", "--run", run_dir, "--j", 0)
+    group = zarr.open_group(str(run_dir / "features" / "stage_0.zarr"), mode="r+")
+    group.create_array("train/labels", shape=(3,), dtype="int64", overwrite=True)
+    refused("train-layer", "--run", run_dir, "--j", 1, match="the store was altered")
+
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.slow
+def test_real_fashion_mnist_end_to_end(tmp_path):
+    """Prepare the real Fashion-MNIST and run a small greedy network on it."""
+    import os
+
+    if not os.path.isdir(FMNIST):
+        pytest.skip(f"{FMNIST} missing: install the Debian package dataset-fashion-mnist")
+    data = tmp_path / "data"
+    ok("prepare", "fashion-mnist", "--out", data, "--holdout", 50000)
+    arch = tmp_path / "small.json"
+    arch.write_text(
+        json.dumps(
+            {
+                "name": "small",
+                "input_shape": [1, 28, 28],
+                "num_classes": 10,
+                "stages": [
+                    {"width": 16, "downsample": True, "batch_norm": True, "k": 2, "head_width": 16},
+                    {"width": 32, "downsample": True, "batch_norm": True, "k": 1},
+                ],
+                "training": {"epochs": 2, "batch_size": 64, "lr": 0.05},
+            }
+        )
+    )
+    ok("run", arch, "--data", data, "--run", tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["final"]["samples"] == 10000
+    assert report["final"]["top1"] > 75  # 10,000 training images, 2 epochs per stage
+    fidelity = report["cache_fidelity"][0]
+    assert fidelity["max_rel_diff"] < 2e-3

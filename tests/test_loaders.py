@@ -29,26 +29,66 @@ def store(tmp_path):
 
 @pytest.mark.parametrize("budget", [1 << 30, 0], ids=["in-memory", "chunks"])
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_feature_loader_covers_every_sample_once(store, budget, drop_last):
+@pytest.mark.parametrize("buffer_chunks", [1, 3])
+def test_feature_loader_covers_every_sample_once(store, budget, drop_last, buffer_chunks):
     array, values, labels = store
-    loader = FeatureLoader(
-        array,
-        labels,
-        100,
-        shuffle=True,
-        seed=1,
-        drop_last=drop_last,
-        memory_budget=budget,
-        buffer_chunks=3,
-    )
-    assert loader.in_memory == bool(budget)
-    batches = list(loader.epoch(0))
-    assert len(batches) == len(loader) == (10 if drop_last else 10)
-    rows = np.concatenate([x[:, 0, 0, 0].numpy() for x, _ in batches]).astype(int)
-    got_labels = np.concatenate([y.numpy() for _, y in batches])
-    assert np.array_equal(got_labels, labels[rows])  # labels travel with their rows
-    assert len(set(rows.tolist())) == len(rows) == 1000
-    assert not np.array_equal(rows, np.arange(1000))  # shuffled
+    # 1000 samples in batches of 100 or 64 (a partial last batch of 40); with one
+    # 64-sample chunk in the buffer, a batch of 100 spans two chunks.
+    for batch in (100, 64):
+        loader = FeatureLoader(
+            array,
+            labels,
+            batch,
+            shuffle=True,
+            seed=1,
+            drop_last=drop_last,
+            memory_budget=budget,
+            buffer_chunks=buffer_chunks,
+        )
+        assert loader.in_memory == bool(budget)
+        batches = list(loader.epoch(0))
+        expected = 1000 // batch if drop_last else -(-1000 // batch)
+        assert len(batches) == len(loader) == expected
+        assert all(len(y) == batch for _, y in batches[:-1])
+        rows = np.concatenate([x[:, 0, 0, 0].numpy() for x, _ in batches]).astype(int)
+        got_labels = np.concatenate([y.numpy() for _, y in batches])
+        assert np.array_equal(got_labels, labels[rows])  # labels travel with their rows
+        assert len(set(rows.tolist())) == len(rows)
+        assert len(rows) == (1000 - 1000 % batch if drop_last else 1000)
+        assert not np.array_equal(rows, np.arange(len(rows)))  # shuffled
+
+
+class _FailingArray:
+    """A zarr-like array whose third chunk cannot be read."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.chunks = (
+            array,
+            array.shape,
+            array.dtype,
+            array.chunks,
+        )
+
+    def __getitem__(self, key):
+        if isinstance(key, slice) and key.start == 128:
+            raise OSError("chunk 2 is damaged")
+        return self.array[key]
+
+
+def test_feature_loader_raises_a_read_error_instead_of_hanging(store):
+    array, _, labels = store
+    loader = FeatureLoader(_FailingArray(array), labels, 32, memory_budget=0)
+    with pytest.raises(OSError, match="chunk 2 is damaged"):
+        list(loader.epoch(0))
+
+
+def test_feature_loader_stops_its_reader_when_left_early(store):
+    array, _, labels = store
+    loader = FeatureLoader(array, labels, 32, memory_budget=0)
+    batches = loader.epoch(0)
+    next(batches)
+    batches.close()  # the reader thread is joined, not left blocked
+    assert next(iter(loader.epoch(1)))[0].shape == (32, 2, 3, 3)
 
 
 @pytest.mark.parametrize("budget", [1 << 30, 0], ids=["in-memory", "chunks"])

@@ -65,6 +65,8 @@ def train_layer(settings: TrainSettings, run: Run | None = None) -> TrainResult:
     epochs = settings.epochs or run.arch.epochs(j)
 
     # Input: images for stage 0, else stage j-1's features or the recomputed trunk.
+    # TODO: the paper's random crops and flips need augmented views in the cache; until
+    # then every stage trains on un-augmented inputs, in both sources.
     loader, trunk, input_desc = stage_input(
         run,
         j,

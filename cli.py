@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from pipeline.errors import GreedyError
-from stages.arch import BYTES_PER_ELEMENT, ArchitectureError
+from stages.arch import ArchitectureError
 
 DTYPES = click.Choice(["float16", "float32"])
 
@@ -64,7 +64,7 @@ threads_option = click.option(
 @click.argument("preset")
 @click.option(
     "--dtype",
-    type=click.Choice(sorted(BYTES_PER_ELEMENT)),
+    type=DTYPES,
     default="float16",
     show_default=True,
     help="Storage dtype for the cached-bytes column.",
@@ -292,7 +292,7 @@ def eval_cmd(run_dir, split, workers, threads):
     _set_threads(threads)
     report = evaluate(EvalSettings(run=run_dir, split=split, workers=workers, progress=_bar))
     click.echo(format_report(report))
-    click.echo(f"written to {Path(run_dir) / 'eval.json'}")
+    click.echo(f"written to {report['path']}")
 
 
 @main.command("run")

@@ -58,15 +58,17 @@ def read_manifest(path: Path) -> dict | None:
     try:
         group = zarr.open_group(str(path), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
-        return None
-    return group.attrs.get(MANIFEST_KEY)
+        return {"unreadable": str(path)}
+    return group.attrs.get(MANIFEST_KEY, {"unreadable": str(path)})
 
 
 def cache_state(run: Run, j: int) -> str:
-    """One of ``missing``, ``incomplete``, ``stale`` or ``current``."""
+    """One of ``missing``, ``damaged``, ``incomplete``, ``stale`` or ``current``."""
     manifest = read_manifest(run.features_path(j))
     if manifest is None:
         return "missing"
+    if not isinstance(manifest, dict) or not {"lineage", "splits", "shape"} <= set(manifest):
+        return "damaged"
     if manifest.get("format") != CACHE_FORMAT:
         return "stale"
     if not manifest.get("complete"):
@@ -92,17 +94,29 @@ def open_features(run: Run, j: int, split: str) -> tuple[zarr.Array, np.ndarray,
     if state == "missing":
         raise CacheError(f"stage {j} has no cached features in {path}; run {redo} first")
     if state == "incomplete":
-        raise CacheError(f"the cache {path} is incomplete; run {redo} to finish it")
+        raise CacheError(f"the cache {path} is incomplete; run {redo} to write it again")
     if state == "stale":
         raise CacheError(
             f"the cache {path} does not match the stages now trained "
             f"(a stage at or below {j} was retrained, or the store's format differs); run {redo}"
         )
+    if state == "damaged":
+        raise CacheError(f"the cache {path} is damaged (its manifest is unreadable); run {redo}")
     group = zarr.open_group(str(path), mode="r")
     manifest = group.attrs[MANIFEST_KEY]
     if split not in manifest["splits"]:
         raise CacheError(f"{path} has no split {split!r}; it has {sorted(manifest['splits'])}")
-    features, labels = group[f"{split}/features"], np.asarray(group[f"{split}/labels"][:])
+    try:
+        features, labels = group[f"{split}/features"], np.asarray(group[f"{split}/labels"][:])
+    except Exception as err:  # noqa: BLE001 - zarr fails in many ways on damaged metadata
+        raise CacheError(
+            f"{path}/{split} cannot be read ({type(err).__name__}: {err}); the store is damaged. "
+            f"Run {redo}"
+        ) from err
+    if len(labels) and labels.min() < 0:
+        raise CacheError(
+            f"{path}/{split}/labels has unwritten entries (a chunk is missing); run {redo}"
+        )
     want = (manifest["splits"][split], *manifest["shape"])
     if features.shape != want or labels.shape != want[:1]:
         raise CacheError(
@@ -167,6 +181,7 @@ def stage_input(
         features,
         labels,
         batch_size,
+        name=str(run.features_path(j - 1)),
         shuffle=shuffle,
         seed=seed,
         drop_last=drop_last,
@@ -237,9 +252,12 @@ def cache_features(settings: CacheSettings) -> dict:
             chunks=(chunk, *out_shape),
             dtype=settings.dtype,
             compressors=ZstdCodec(level=settings.clevel),
-            fill_value=0,
+            # Never written (non-finite values are refused), so a missing chunk reads as NaN.
+            fill_value=float("nan"),
         )
-        labels = group.create_array(f"{split}/labels", shape=(n,), chunks=(n,), dtype="int64")
+        labels = group.create_array(
+            f"{split}/labels", shape=(n,), chunks=(n,), dtype="int64", fill_value=-1
+        )
         _write_split(run, settings, stage, split, features, labels, batch_size)
 
     manifest = {**manifest, "complete": True, "seconds": round(time.perf_counter() - started, 2)}
@@ -320,7 +338,12 @@ def _region_input(
             workers=settings.workers,
         )
     features, labels, _ = open_features(run, settings.j - 1, split)
-    return FeatureLoader(_Rows(features, start, stop), labels[start:stop], batch_size)
+    return FeatureLoader(
+        _Rows(features, start, stop),
+        labels[start:stop],
+        batch_size,
+        name=str(run.features_path(settings.j - 1)),
+    )
 
 
 class _Rows:

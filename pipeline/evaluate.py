@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import cache_ids, cache_state, open_features, read_manifest
-from pipeline.errors import RunStateError
+from pipeline.errors import CacheError, RunStateError
 from pipeline.loaders import FeatureLoader, ImageLoader
 from pipeline.progress import BarFactory, open_bar
 from pipeline.rundir import Run, write_json_atomic
@@ -66,13 +66,12 @@ def evaluate(settings: EvalSettings) -> dict:
     modules = [run.load_stage(j) for j in range(run.arch.depth)]
     started = time.perf_counter()
 
+    cached = [_stage_from_cache(run, j, modules[j], split, settings) for j in range(run.arch.depth)]
     final, ensemble, fidelity, from_images = _final_from_images(run, modules, split, settings)
-    stages = []
-    for j in range(run.arch.depth):
-        entry = _stage_from_cache(run, j, modules[j], split, settings)
-        if entry is None:
-            entry = {"stage": j, **from_images[j], "input": "images", **_times(run, j)}
-        stages.append(entry)
+    stages = [
+        entry or {"stage": j, **from_images[j], "input": "images", **_times(run, j)}
+        for j, entry in enumerate(cached)
+    ]
 
     report = {
         "run": str(run.root),
@@ -86,9 +85,18 @@ def evaluate(settings: EvalSettings) -> dict:
         "caches": cache_ids(run),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    write_json_atomic(run.root / "eval.json", report)
+    path = report_path(run, split)
+    write_json_atomic(path, report)
+    report["path"] = str(path)
     run.log_metrics({"event": "eval", "split": split, "final_top1": final["top1"]})
     return report
+
+
+def report_path(run: Run, split: str) -> Path:
+    """eval.json for the dataset's evaluation split, eval-<split>.json for any other."""
+    if split == run.data.eval_split:
+        return run.root / "eval.json"
+    return run.root / f"eval-{split}.json"
 
 
 def _stage_from_cache(run: Run, j: int, modules, split: str, settings: EvalSettings) -> dict | None:
@@ -97,13 +105,16 @@ def _stage_from_cache(run: Run, j: int, modules, split: str, settings: EvalSetti
     stage, head = modules
     if cache_state(run, j) == "current":
         features, labels, _ = open_features(run, j, split)
-        apply, source = head, f"features of stage {j}"
+        apply, source, source_stage = head, f"features of stage {j}", j
     elif j > 0 and cache_state(run, j - 1) == "current":
         features, labels, _ = open_features(run, j - 1, split)
         apply, source = torch.nn.Sequential(stage, head), f"features of stage {j - 1}"
+        source_stage = j - 1
     else:
         return None
-    loader = FeatureLoader(features, labels, settings.batch_size)
+    loader = FeatureLoader(
+        features, labels, settings.batch_size, name=str(run.features_path(source_stage))
+    )
     scores = TopK(run.arch.num_classes)
     with torch.no_grad():
         for x, y in loader.epoch(0):
@@ -150,6 +161,12 @@ def _final_from_images(run: Run, modules, split: str, settings: EvalSettings):
                 votes = votes + (2**j) * logits
                 if j in cached:
                     stored = np.asarray(cached[j][offset : offset + len(y)], dtype=np.float32)
+                    if not np.isfinite(stored).all():
+                        raise CacheError(
+                            f"{run.features_path(j)}/{split}: rows {offset}..{offset + len(y)} "
+                            "hold non-finite values (a chunk is missing or damaged); write the "
+                            f"cache again with `greedy-cli cache-features --run {run.root} --j {j}`"
+                        )
                     max_diff[j] = max(max_diff[j], float(np.abs(stored - x.numpy()).max()))
                     max_ref[j] = max(max_ref[j], float(x.abs().max()))
             final.update(logits, y)

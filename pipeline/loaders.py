@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.datasets import DatasetInfo
+from pipeline.errors import CacheError
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class FeatureLoader:
         drop_last: bool = False,
         memory_budget: int = 8 << 30,
         buffer_chunks: int = 8,
+        name: str = "features",
     ):
         self.features = features
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -132,11 +134,12 @@ class FeatureLoader:
         self.drop_last = drop_last
         self.num_samples = features.shape[0]
         self.buffer_chunks = buffer_chunks
+        self.name = name
         nbytes = int(np.prod(features.shape)) * features.dtype.itemsize
         self._in_memory = None
         if nbytes <= memory_budget:
             log.info("holding %.1f MB of features in memory", nbytes / 1e6)
-            self._in_memory = np.asarray(features[:])
+            self._in_memory = self._read(0, self.num_samples)
 
     @property
     def in_memory(self) -> bool:
@@ -217,7 +220,7 @@ class FeatureLoader:
             try:
                 for s in starts:
                     end = min(s + chunk, self.num_samples)
-                    if not offer((np.asarray(self.features[s:end]), self.labels[s:end])):
+                    if not offer((self._read(s, end), self.labels[s:end])):
                         return
                 offer(None)
             except BaseException as err:  # handed to the consumer, raised there
@@ -233,6 +236,25 @@ class FeatureLoader:
         finally:
             stop.set()
             thread.join()
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop, refusing rows that were never written (they read as NaN)."""
+        try:
+            rows = np.asarray(self.features[start:stop])
+        except Exception as err:  # noqa: BLE001 - a damaged chunk fails in codec-specific ways
+            raise CacheError(
+                f"{self.name}: rows {start}..{stop} cannot be read ({type(err).__name__}: {err}); "
+                "the cache is damaged, write it again with `greedy-cli cache-features`"
+            ) from err
+        for first in range(0, len(rows), 4096):
+            block = rows[first : first + 4096].reshape(-1, int(np.prod(rows.shape[1:])))
+            bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+            if len(bad):
+                raise CacheError(
+                    f"{self.name}: row {start + first + bad[0]} holds non-finite values (a chunk "
+                    "is missing or damaged); write the cache again with `greedy-cli cache-features`"
+                )
+        return rows
 
     def _mix(self, xs, ys, rng) -> tuple[np.ndarray, np.ndarray]:
         x, y = np.concatenate(xs), np.concatenate(ys)

@@ -256,7 +256,10 @@ def _split_holdout(splits: dict, holdout: int, seed: int) -> dict:
     train = splits["train"]
     n = len(train.labels)
     if not 0 < holdout < n:
-        raise DataError(f"--holdout {holdout} must be between 1 and {n - 1} (training samples)")
+        raise DataError(
+            f"--holdout {holdout} keeps too many samples: give 0 (none) up to {n - 1} "
+            f"of the {n} training samples"
+        )
     order = np.random.default_rng(seed).permutation(n)
     keep, held = np.sort(order[holdout:]), np.sort(order[:holdout])
     out = {"train": _take(train, keep), "holdout": _take(train, held)}

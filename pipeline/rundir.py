@@ -31,6 +31,7 @@ import torch
 from pipeline.datasets import DatasetInfo
 from pipeline.errors import RunStateError
 from stages import Architecture, AuxHead, Stage, load_architecture
+from stages.arch import ArchitectureError
 
 RUN_FORMAT = 1
 
@@ -46,14 +47,20 @@ def state_hash(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def read_json(path: Path, remedy: str) -> dict:
-    """A JSON file's content, or a RunStateError naming the file and ``remedy``."""
+def read_json(path: Path, remedy: str, keys: tuple[str, ...] = ()) -> dict:
+    """A JSON object holding ``keys``, or a RunStateError naming the file and ``remedy``."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except FileNotFoundError as err:
         raise RunStateError(f"{path} is missing; {remedy}") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RunStateError(f"{path} is not valid JSON ({err}); {remedy}") from err
+    if not isinstance(data, dict):
+        raise RunStateError(f"{path} holds a {type(data).__name__}, not an object; {remedy}")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise RunStateError(f"{path} is damaged (no {', '.join(missing)}); {remedy}")
+    return data
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -111,26 +118,42 @@ class Run:
         preset: str | None = None,
         data: Path | None = None,
         seed: int | None = None,
+        stage: int | None = None,
     ) -> "Run":
-        """Open a run directory; a new one needs ``preset`` and ``data`` and records them."""
+        """Open a run directory; a new one needs ``preset`` and ``data`` and records them.
+
+        ``stage``, when given, is checked against a new run's architecture before any
+        file is written, so that a refused first command leaves nothing behind.
+        """
         root = Path(root)
         meta_path = root / "run.json"
         if not meta_path.is_file():
+            leftovers = _leftovers(root)
+            if leftovers and (preset is None or data is None):
+                raise RunStateError(
+                    f"{meta_path} is missing but {root} holds {leftovers}: the run's record is "
+                    "lost. Start a new --run directory"
+                )
             if preset is None or data is None:
                 raise RunStateError(
                     f"{root} is not a run directory yet; the first command on it needs "
                     "--preset and --data, e.g. "
-                    f"`greedy-cli train-layer --run {root} --j 0 --preset fmnist --data DATA`"
+                    f"`greedy-cli train-layer --run {root} --j 0 --preset PRESET --data DATA`"
                 )
-            return cls.create(root, preset, data, seed if seed is not None else 0)
+            return cls.create(root, preset, data, seed if seed is not None else 0, stage)
 
         fresh = "start a new run directory"
-        meta = read_json(meta_path, fresh)
+        meta = read_json(meta_path, fresh, ("format", "data", "dataset_id", "seed"))
+        if not isinstance(meta["seed"], int) or not isinstance(meta["data"], str):
+            raise RunStateError(f"{meta_path} is damaged (seed or data malformed); {fresh}")
         if meta.get("format") != RUN_FORMAT:
             raise RunStateError(
                 f"{meta_path} has format {meta.get('format')!r}; this version reads {RUN_FORMAT}"
             )
-        arch = Architecture.from_dict(read_json(root / "arch.json", fresh))
+        try:
+            arch = Architecture.from_dict(read_json(root / "arch.json", fresh))
+        except ArchitectureError as err:
+            raise RunStateError(f"{root / 'arch.json'}: {err}; {fresh}") from err
         if preset is not None and load_architecture(preset) != arch:
             raise RunStateError(
                 f"{root} was made with architecture {arch.name!r}; --preset {preset} differs. "
@@ -155,13 +178,15 @@ class Run:
         return cls(root=root, arch=arch, data=info, seed=meta["seed"])
 
     @classmethod
-    def create(cls, root: Path, preset: str, data: Path, seed: int) -> "Run":
+    def create(
+        cls, root: Path, preset: str, data: Path, seed: int, stage: int | None = None
+    ) -> "Run":
         arch = load_architecture(preset)
         info = DatasetInfo.load(Path(data))
         check_compatible(arch, info)
-        leftovers = sorted(p.name for p in root.glob("stage_*")) + (
-            ["features"] if (root / "features").exists() else []
-        )
+        if stage is not None:
+            _check_stage(arch, stage)
+        leftovers = _leftovers(root)
         if leftovers:
             raise RunStateError(
                 f"{root} has no run.json but holds {leftovers} from an earlier run; "
@@ -199,10 +224,7 @@ class Run:
         return self.root / "features" / f"stage_{j}.zarr"
 
     def check_stage_index(self, j: int) -> None:
-        if not 0 <= j < self.arch.depth:
-            raise RunStateError(
-                f"--j {j} is out of range: {self.arch.name} has stages 0..{self.arch.depth - 1}"
-            )
+        _check_stage(self.arch, j)
 
     # -- modules ---------------------------------------------------------------
 
@@ -227,7 +249,8 @@ class Run:
             head.load_state_dict(saved["head"])
         except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on bad bytes
             raise RunStateError(
-                f"{self.weights_path(j)} cannot be loaded ({err}); retrain with "
+                f"{self.weights_path(j)} is damaged or not a weights file ({type(err).__name__}); "
+                "retrain with "
                 f"`greedy-cli train-layer --run {self.root} --j {j}`"
             ) from err
         if state_hash(stage) != record["stage_hash"]:
@@ -254,7 +277,11 @@ class Run:
         path = self.record_path(j)
         if not path.is_file() or not self.weights_path(j).is_file():
             return None
-        return read_json(path, f"retrain with `greedy-cli train-layer --run {self.root} --j {j}`")
+        return read_json(
+            path,
+            f"retrain with `greedy-cli train-layer --run {self.root} --j {j}`",
+            ("lineage", "stage_hash"),
+        )
 
     def lineage(self, j: int) -> list[str] | None:
         """Dataset id and stage hashes 0..j-1 as now on disk; None if one is missing."""
@@ -274,6 +301,17 @@ class Run:
         entry = {"time": round(time.time(), 3), **entry}
         with open(self.root / "metrics.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
+
+
+def _check_stage(arch: Architecture, j: int) -> None:
+    if not 0 <= j < arch.depth:
+        raise RunStateError(f"--j {j} is out of range: {arch.name} has stages 0..{arch.depth - 1}")
+
+
+def _leftovers(root: Path) -> list[str]:
+    """Stage folders and caches of an earlier run in ``root``."""
+    names = sorted(p.name for p in root.glob("stage_*"))
+    return names + (["features"] if (root / "features").exists() else [])
 
 
 def check_compatible(arch: Architecture, info: DatasetInfo) -> None:

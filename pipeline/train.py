@@ -56,7 +56,9 @@ def lr_at(step: int, total_steps: int, lr: float, drops: tuple[float, ...], fact
 
 
 def train_layer(settings: TrainSettings, run: Run | None = None) -> TrainResult:
-    run = run or Run.open(settings.run, settings.preset, settings.data, settings.seed)
+    run = run or Run.open(
+        settings.run, settings.preset, settings.data, settings.seed, stage=settings.j
+    )
     j = settings.j
     run.check_stage_index(j)
     if settings.source not in SOURCES:
@@ -97,7 +99,7 @@ def train_layer(settings: TrainSettings, run: Run | None = None) -> TrainResult:
         params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
     )
     log.info(
-        "training stage %d of %s from %s: %d epochs, %d steps of %d",
+        "training stage %d of %s from %s: %d epoch(s), %d steps of %d",
         j,
         run.arch.name,
         input_desc["kind"],

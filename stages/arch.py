@@ -120,24 +120,47 @@ class Architecture:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Architecture":
+        _require(
+            isinstance(data, dict),
+            "an architecture description",
+            type(data).__name__,
+            "a JSON object",
+        )
         data = dict(data)
         _check_keys("architecture", data, cls)
+        _require(isinstance(data.get("stages"), list), "stages", data.get("stages"), "a list")
+        _require(
+            isinstance(data.get("training"), dict), "training", data.get("training"), "an object"
+        )
         try:
             stages = []
             for j, s in enumerate(data.pop("stages")):
+                _require(isinstance(s, dict), f"stages[{j}]", s, "an object")
                 _check_keys(f"stages[{j}]", s, StageSpec)
                 stages.append(StageSpec(**s))
             training = dict(data.pop("training"))
             _check_keys("training", training, TrainSpec)
             if "lr_drops" in training:
+                _require(
+                    isinstance(training["lr_drops"], list),
+                    "training.lr_drops",
+                    training["lr_drops"],
+                    "a list",
+                )
                 training["lr_drops"] = tuple(training["lr_drops"])
+            _require(
+                isinstance(data.get("input_shape"), list),
+                "input_shape",
+                data.get("input_shape"),
+                "a list [C, H, W]",
+            )
             return cls(
                 stages=tuple(stages),
                 training=TrainSpec(**training),
                 input_shape=tuple(data.pop("input_shape")),
                 **data,
             )
-        except (KeyError, TypeError) as err:
+        except TypeError as err:
             raise ArchitectureError(f"architecture description is incomplete: {err}") from err
 
 
@@ -161,23 +184,76 @@ def _check_keys(where: str, data: dict, cls) -> None:
         )
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _require(ok: bool, field: str, value, want: str) -> None:
+    if not ok:
+        raise ArchitectureError(f"{field} must be {want}, got {value!r}")
+
+
 def _validate(arch: Architecture) -> None:
-    if len(arch.input_shape) != 3 or min(arch.input_shape) < 1:
-        raise ArchitectureError(f"input_shape must be (C, H, W), got {arch.input_shape}")
-    if arch.num_classes < 2:
-        raise ArchitectureError(f"num_classes must be at least 2, got {arch.num_classes}")
-    if not arch.stages:
-        raise ArchitectureError("an architecture needs at least one stage")
-    _, h, w = arch.input_shape
+    _require(isinstance(arch.name, str) and arch.name, "name", arch.name, "a non-empty string")
+    shape = arch.input_shape
+    _require(
+        len(shape) == 3 and all(_is_int(s) and s >= 1 for s in shape),
+        "input_shape",
+        list(shape),
+        "[C, H, W] of positive integers",
+    )
+    _require(
+        _is_int(arch.num_classes) and arch.num_classes >= 2,
+        "num_classes",
+        arch.num_classes,
+        "an integer of at least 2",
+    )
+    _require(len(arch.stages) >= 1, "stages", [], "a list of at least one stage")
+    _, h, w = shape
     for j, spec in enumerate(arch.stages):
-        if spec.width < 1:
-            raise ArchitectureError(f"stage {j}: width must be positive, got {spec.width}")
-        if spec.k not in (1, 2, 3):
-            raise ArchitectureError(f"stage {j}: k must be 1, 2 or 3, got {spec.k}")
-        if spec.k > 1 and spec.head_width < 1:
-            raise ArchitectureError(
-                f"stage {j}: k={spec.k} needs head_width (M~) > 0, got {spec.head_width}"
+        where = f"stages[{j}]"
+        _require(
+            _is_int(spec.width) and spec.width >= 1,
+            f"{where}.width",
+            spec.width,
+            "a positive integer",
+        )
+        _require(
+            isinstance(spec.downsample, bool),
+            f"{where}.downsample",
+            spec.downsample,
+            "true or false",
+        )
+        _require(
+            isinstance(spec.batch_norm, bool),
+            f"{where}.batch_norm",
+            spec.batch_norm,
+            "true or false",
+        )
+        _require(_is_int(spec.k) and spec.k in (1, 2, 3), f"{where}.k", spec.k, "1, 2 or 3")
+        _require(
+            _is_int(spec.head_width) and spec.head_width >= 0,
+            f"{where}.head_width",
+            spec.head_width,
+            "a non-negative integer",
+        )
+        if spec.k > 1:
+            _require(
+                spec.head_width >= 1,
+                f"{where}.head_width",
+                spec.head_width,
+                f"positive: k={spec.k} needs head_width (M~) > 0",
             )
+        _require(
+            spec.epochs is None or (_is_int(spec.epochs) and spec.epochs >= 1),
+            f"{where}.epochs",
+            spec.epochs,
+            "a positive integer or null",
+        )
         if spec.downsample:
             if h % 2 or w % 2:
                 raise ArchitectureError(
@@ -189,12 +265,39 @@ def _validate(arch: Architecture) -> None:
                 f"stage {j} outputs {h}x{w}; the auxiliary head averages to 2x2 "
                 "and needs at least that"
             )
-    if arch.training.epochs < 1 or arch.training.batch_size < 1:
-        raise ArchitectureError("training.epochs and training.batch_size must be positive")
-    if any(not 0 < f < 1 for f in arch.training.lr_drops):
-        raise ArchitectureError(
-            f"training.lr_drops are fractions of training in (0, 1), got {arch.training.lr_drops}"
-        )
+    t = arch.training
+    _require(_is_int(t.epochs) and t.epochs >= 1, "training.epochs", t.epochs, "a positive integer")
+    _require(
+        _is_int(t.batch_size) and t.batch_size >= 1,
+        "training.batch_size",
+        t.batch_size,
+        "a positive integer",
+    )
+    _require(_is_number(t.lr) and t.lr > 0, "training.lr", t.lr, "a positive number")
+    _require(
+        _is_number(t.momentum) and 0 <= t.momentum < 1,
+        "training.momentum",
+        t.momentum,
+        "a number in [0, 1)",
+    )
+    _require(
+        _is_number(t.weight_decay) and t.weight_decay >= 0,
+        "training.weight_decay",
+        t.weight_decay,
+        "a non-negative number",
+    )
+    _require(
+        all(_is_number(f) and 0 < f < 1 for f in t.lr_drops),
+        "training.lr_drops",
+        list(t.lr_drops),
+        "fractions of training in (0, 1)",
+    )
+    _require(
+        _is_number(t.lr_factor) and 0 < t.lr_factor <= 1,
+        "training.lr_factor",
+        t.lr_factor,
+        "a number in (0, 1]",
+    )
 
 
 def load_architecture(name_or_path: str) -> Architecture:
@@ -204,12 +307,16 @@ def load_architecture(name_or_path: str) -> Architecture:
     path = Path(name_or_path)
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
-            raise ArchitectureError(f"architecture file {path} does not exist")
+            what = "is a folder, not a file" if path.is_dir() else "does not exist"
+            raise ArchitectureError(f"architecture file {path} {what}")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ArchitectureError(f"architecture file {path} is not valid JSON: {err}") from err
-        return Architecture.from_dict(data)
+        try:
+            return Architecture.from_dict(data)
+        except ArchitectureError as err:
+            raise ArchitectureError(f"architecture file {path}: {err}") from err
     raise ArchitectureError(
         f"unknown preset {name_or_path!r}; choose one of {sorted(PRESETS)} "
         "or give the path of an architecture JSON file"

@@ -85,7 +85,7 @@ def test_prepare_holdout_too_large(tmp_path, fmnist_src):
         tmp_path / "d",
         "--holdout",
         512,
-        match="--holdout 512 must be between 1 and 511",
+        match="--holdout 512 keeps too many samples: give 0 (none) up to 511",
     )
 
 
@@ -220,7 +220,8 @@ def test_train_layer_refuses_incomplete_cache(run_dir):
         run_dir,
         "--j",
         1,
-        match=f"is incomplete; run `greedy-cli cache-features --run {run_dir} --j 0` to finish it",
+        match=f"is incomplete; run `greedy-cli cache-features --run {run_dir} --j 0` "
+        "to write it again",
     )
 
 
@@ -313,7 +314,7 @@ def test_corrupt_run_json_is_refused_cleanly(run_dir):
 
 def test_corrupt_weights_are_refused_cleanly(run_dir):
     (run_dir / "stage_0" / "weights.pt").write_bytes(b"truncated")
-    refused("cache-features", "--run", run_dir, "--j", 0, match="cannot be loaded")
+    refused("cache-features", "--run", run_dir, "--j", 0, match="is damaged or not a weights file")
 
 
 def test_other_seed_is_refused_and_no_seed_continues(tmp_path, tiny_data, tiny_arch):
@@ -400,3 +401,69 @@ def test_real_fashion_mnist_end_to_end(tmp_path):
     assert report["final"]["top1"] > 75  # 10,000 training images, 2 epochs per stage
     fidelity = report["cache_fidelity"][0]
     assert fidelity["max_rel_diff"] < 2e-3
+
+
+def test_missing_feature_chunk_is_refused(run_dir):
+    ok("cache-features", "--run", run_dir, "--j", 0)
+    chunks = sorted(
+        (run_dir / "features" / "stage_0.zarr" / "train" / "features").rglob("c/*/*/*/*")
+    )
+    chunks[0].unlink()
+    refused("train-layer", "--run", run_dir, "--j", 1, match="holds non-finite values (a chunk")
+
+
+def test_missing_label_chunk_is_refused(run_dir):
+    ok("cache-features", "--run", run_dir, "--j", 0)
+    (run_dir / "features" / "stage_0.zarr" / "train" / "labels" / "c" / "0").unlink()
+    refused("train-layer", "--run", run_dir, "--j", 1, match="has unwritten entries")
+
+
+@pytest.mark.parametrize(
+    "stage, message",
+    [
+        ({"width": "eight"}, "stages[0].width must be a positive integer, got 'eight'"),
+        ({"width": 8, "downsample": "no"}, "stages[0].downsample must be true or false, got 'no'"),
+        ({"width": 8.5}, "stages[0].width must be a positive integer, got 8.5"),
+    ],
+)
+def test_architecture_types_are_checked(tmp_path, stage, message):
+    path = tmp_path / "bad.json"
+    path.write_text(
+        json.dumps(
+            {
+                "name": "bad",
+                "input_shape": [1, 28, 28],
+                "num_classes": 10,
+                "stages": [stage],
+                "training": {"epochs": 1, "batch_size": 8, "lr": 0.1},
+            }
+        )
+    )
+    refused("describe", path, match=f"architecture file {path}: {message}")
+
+
+def test_refused_first_command_leaves_nothing(tmp_path, tiny_data, tiny_arch):
+    run = tmp_path / "run"
+    refused(
+        "train-layer",
+        "--run",
+        run,
+        "--j",
+        5,
+        "--preset",
+        tiny_arch,
+        "--data",
+        tiny_data,
+        match="--j 5 is out of range",
+    )
+    assert not (run / "run.json").exists()
+
+
+def test_eval_on_another_split_keeps_eval_json(tmp_path, tiny_data, tiny_arch):
+    run = tmp_path / "run"
+    ok("run", tiny_arch, "--data", tiny_data, "--run", run)
+    before = (run / "eval.json").read_text()
+    result = ok("eval", "--run", run, "--split", "train")
+    assert "on split train (512 samples)" in result.output
+    assert (run / "eval.json").read_text() == before
+    assert json.loads((run / "eval-train.json").read_text())["split"] == "train"

@@ -332,6 +332,27 @@ def run_cmd(preset, data, run_dir, seed, source, dtype, workers, threads):
     click.echo(format_report(report))
 
 
+@main.command("status")
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+def status_cmd(run_dir):
+    """Which stages are trained, cached and current, and the next command to run."""
+    from pipeline.status import run_status
+
+    status = run_status(run_dir)
+    header = ("stage", "trained", "cache")
+    last = len(status.stages) - 1
+    rows = [
+        (str(s.j), s.trained, "not needed" if s.j == last and s.cache == "missing" else s.cache)
+        for s in status.stages
+    ]
+    click.echo(f"{status.arch} in {status.run}")
+    click.echo(_table(header, rows))
+    click.echo(f"evaluation: {status.evaluated}")
+    click.echo(
+        f"next: {status.next_command}" if status.next_command else "next: nothing, all current"
+    )
+
+
 def _bar(total: int, desc: str, unit: str):
     from tqdm import tqdm
 

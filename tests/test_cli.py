@@ -467,3 +467,17 @@ def test_eval_on_another_split_keeps_eval_json(tmp_path, tiny_data, tiny_arch):
     assert "on split train (512 samples)" in result.output
     assert (run / "eval.json").read_text() == before
     assert json.loads((run / "eval-train.json").read_text())["split"] == "train"
+
+
+def test_status_follows_the_run(run_dir):
+    out = ok("status", "--run", run_dir).output
+    assert "0      current  missing" in out
+    assert f"next: greedy-cli cache-features --run {run_dir} --j 0" in out
+    ok("cache-features", "--run", run_dir, "--j", 0)
+    ok("train-layer", "--run", run_dir, "--j", 1, "--steps", 2)
+    out = ok("status", "--run", run_dir).output
+    assert f"next: greedy-cli cache-features --run {run_dir} --j 1" in out
+    ok("train-layer", "--run", run_dir, "--j", 0, "--steps", 2)  # retrain: everything above stale
+    out = ok("status", "--run", run_dir).output
+    assert "0      current  stale" in out and "1      stale" in out
+    assert f"next: greedy-cli cache-features --run {run_dir} --j 0" in out

@@ -355,9 +355,7 @@ class _Rows:
         self.dtype = array.dtype
         self.chunks = array.chunks
 
-    def __getitem__(self, key):
-        if isinstance(key, slice) and key == slice(None):
-            return self.array[self.start : self.stop]
+    def __getitem__(self, key: slice):
         a, b, _ = key.indices(self.shape[0])
         return self.array[self.start + a : self.start + b]
 

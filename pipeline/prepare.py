@@ -208,7 +208,7 @@ def _read_cifar10(src: Path) -> tuple[list[str], dict[str, ArraySplit]]:
     return classes, splits
 
 
-def _class_sort_key(names: list[str]):
+def _sorted_classes(names: list[str]) -> list[str]:
     if all(n.isdigit() for n in names):
         return sorted(names, key=int)
     return sorted(names)
@@ -218,7 +218,7 @@ def _read_class_folders(src: Path) -> tuple[list[str], dict[str, FileSplit]]:
     train_dir = src / "train"
     if not train_dir.is_dir():
         raise DataError(f"{src} has no train/ folder; expected SRC/train/<class>/<image>")
-    classes = _class_sort_key([d.name for d in train_dir.iterdir() if d.is_dir()])
+    classes = _sorted_classes([d.name for d in train_dir.iterdir() if d.is_dir()])
     if not classes:
         raise DataError(f"{train_dir} holds no class folders")
     index = {c: i for i, c in enumerate(classes)}
@@ -226,9 +226,8 @@ def _read_class_folders(src: Path) -> tuple[list[str], dict[str, FileSplit]]:
     splits = {}
     for split in ("train", "val"):
         root = src / split
-        if not root.is_dir():
-            if split == "val":
-                continue
+        if split == "val" and not root.is_dir():
+            continue
         present = sorted(d.name for d in root.iterdir() if d.is_dir())
         if not present:
             raise DataError(

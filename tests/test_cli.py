@@ -29,11 +29,16 @@ def refused(*args, match: str):
     return result
 
 
+def new_run(run, j, preset, data, *extra):
+    """Arguments of the first train-layer on a new run directory."""
+    return ("train-layer", "--run", run, "--j", j, "--preset", preset, "--data", data, *extra)
+
+
 @pytest.fixture
 def run_dir(tmp_path, tiny_data, tiny_arch):
     """A run with stage 0 trained."""
     run = tmp_path / "run"
-    ok("train-layer", "--run", run, "--j", 0, "--preset", tiny_arch, "--data", tiny_data)
+    ok(*new_run(run, 0, tiny_arch, tiny_data))
     return run
 
 
@@ -118,7 +123,7 @@ def test_prepare_folder_and_train_on_jpegs(tmp_path, folder_src):
             }
         )
     )
-    ok("train-layer", "--run", tmp_path / "r", "--j", 0, "--preset", arch, "--data", out)
+    ok(*new_run(tmp_path / "r", 0, arch, out))
     result = ok("eval", "--run", tmp_path / "r")
     assert "on split val (20 samples)" in result.output
 
@@ -143,15 +148,7 @@ def test_train_layer_new_run_needs_preset_and_data(tmp_path):
 
 def test_train_layer_refuses_data_that_does_not_fit(tmp_path, tiny_data):
     refused(
-        "train-layer",
-        "--run",
-        tmp_path / "r",
-        "--j",
-        0,
-        "--preset",
-        "cifar10-k3",
-        "--data",
-        tiny_data,
+        *new_run(tmp_path / "r", 0, "cifar10-k3", tiny_data),
         match="takes 3-channel images but",
     )
 
@@ -170,15 +167,7 @@ def test_train_layer_records_settings_and_metrics(run_dir):
 def test_train_layer_refuses_untrained_stage_below(tmp_path, tiny_data, tiny_arch):
     run = tmp_path / "run"
     refused(
-        "train-layer",
-        "--run",
-        run,
-        "--j",
-        1,
-        "--preset",
-        tiny_arch,
-        "--data",
-        tiny_data,
+        *new_run(run, 1, tiny_arch, tiny_data),
         match=f"stage 0 is not trained (or is stale); run `greedy-cli train-layer --run {run} "
         "--j 0` first",
     )
@@ -320,15 +309,7 @@ def test_corrupt_weights_are_refused_cleanly(run_dir):
 def test_other_seed_is_refused_and_no_seed_continues(tmp_path, tiny_data, tiny_arch):
     run = tmp_path / "run"
     ok(
-        "train-layer",
-        "--run",
-        run,
-        "--j",
-        0,
-        "--preset",
-        tiny_arch,
-        "--data",
-        tiny_data,
+        *new_run(run, 0, tiny_arch, tiny_data),
         "--seed",
         1,
         "--steps",
@@ -344,15 +325,7 @@ def test_other_seed_is_refused_and_no_seed_continues(tmp_path, tiny_data, tiny_a
 def test_new_run_refuses_leftovers(run_dir, tiny_data, tiny_arch):
     (run_dir / "run.json").unlink()
     refused(
-        "train-layer",
-        "--run",
-        run_dir,
-        "--j",
-        0,
-        "--preset",
-        tiny_arch,
-        "--data",
-        tiny_data,
+        *new_run(run_dir, 0, tiny_arch, tiny_data),
         match="holds ['stage_0'] from an earlier run",
     )
 
@@ -445,15 +418,7 @@ def test_architecture_types_are_checked(tmp_path, stage, message):
 def test_refused_first_command_leaves_nothing(tmp_path, tiny_data, tiny_arch):
     run = tmp_path / "run"
     refused(
-        "train-layer",
-        "--run",
-        run,
-        "--j",
-        5,
-        "--preset",
-        tiny_arch,
-        "--data",
-        tiny_data,
+        *new_run(run, 5, tiny_arch, tiny_data),
         match="--j 5 is out of range",
     )
     assert not (run / "run.json").exists()

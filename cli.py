@@ -121,7 +121,9 @@ def describe(preset: str, dtype: str) -> None:
 
 
 @main.command()
-@click.argument("dataset", type=click.Choice(["fashion-mnist", "cifar10", "imagenet", "folder"]))
+@click.argument(
+    "dataset", type=click.Choice(["fashion-mnist", "cifar10", "cifar100", "imagenet", "folder"])
+)
 @click.argument("src", required=False, type=click.Path(path_type=Path))
 @click.option(
     "--out",
@@ -136,25 +138,62 @@ def describe(preset: str, dtype: str) -> None:
     type=click.IntRange(0),
     help="Keep N training samples apart as a 'holdout' split.",
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of the holdout draw.")
+@click.option(
+    "--seed", default=0, show_default=True, help="Seed of the holdout draw and the write order."
+)
 @click.option(
     "--max-resolution",
-    default=256,
+    default=500,
     show_default=True,
-    type=click.IntRange(8),
-    help="Longest side of stored JPEG images (imagenet, folder).",
+    type=click.IntRange(0),
+    help="Longest side of stored images read from files; 0 keeps every size.",
 )
-@workers_option
-def prepare(dataset, src, out, holdout, seed, max_resolution, workers) -> None:
+@click.option(
+    "--write-mode",
+    type=click.Choice(["jpg", "raw"]),
+    default="jpg",
+    show_default=True,
+    help="How images read from files are stored: JPEG, or lossless raw pixels.",
+)
+@click.option("--jpeg-quality", default=90, show_default=True, type=click.IntRange(1, 100))
+@click.option("--strict", is_flag=True, help="Stop at any bad image file instead of skipping it.")
+@click.option(
+    "--devkit",
+    type=click.Path(path_type=Path),
+    help="ILSVRC2012 devkit (folder or .tar.gz) labelling a flat ImageNet val/ folder.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a dataset already prepared in --out.")
+@click.option(
+    "--workers",
+    default=min(8, os.cpu_count() or 1),
+    show_default=True,
+    type=click.IntRange(1),
+    help="Processes reading and writing images.",
+)
+def prepare(
+    dataset,
+    src,
+    out,
+    holdout,
+    seed,
+    max_resolution,
+    write_mode,
+    jpeg_quality,
+    strict,
+    devkit,
+    overwrite,
+    workers,
+) -> None:
     """Write DATASET (read from SRC) as FFCV datasets, one per split, into --out.
 
     fashion-mnist reads the IDX files of the Debian package dataset-fashion-mnist by
-    default; cifar10 reads the python batches; imagenet and folder read SRC/train/<class>/
-    and SRC/val/<class>/ trees."""
-    from pipeline.prepare import PrepareSettings
+    default; cifar10 and cifar100 read the python batches; imagenet and folder read
+    SRC/train/<class>/ and SRC/val/ trees (ImageNet's flat val/ labelled by --devkit).
+    Bad image files are skipped and listed unless --strict."""
+    from pipeline.prepare import PrepareSettings, summary
     from pipeline.prepare import prepare as run_prepare
 
-    info = run_prepare(
+    info, report = run_prepare(
         PrepareSettings(
             dataset=dataset,
             src=src,
@@ -162,14 +201,21 @@ def prepare(dataset, src, out, holdout, seed, max_resolution, workers) -> None:
             holdout=holdout,
             seed=seed,
             max_resolution=max_resolution,
+            write_mode=write_mode,
+            jpeg_quality=jpeg_quality,
             workers=workers,
+            strict=strict,
+            devkit=devkit,
+            overwrite=overwrite,
+            progress=_bar,
         )
     )
-    splits = ", ".join(f"{k} {v.count:,}" for k, v in info.splits.items())
     click.echo(
-        f"prepared {info.name} in {out}: {splits}; {info.num_classes} classes, "
+        f"prepared {info.name} in {out}: {info.num_classes} classes ({report.label_rule}), "
         f"images {_shape(info.input_shape)}"
     )
+    for line in summary(report):
+        click.echo(f"  {line}")
 
 
 def _run_options(f):

@@ -30,6 +30,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     holdout: int
     seed: int
+    label_rule: str = ""  # how class names were ordered into labels
     root: Path | None = None
 
     def path(self, split: str) -> Path:

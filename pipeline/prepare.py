@@ -1,36 +1,35 @@
-"""Turn a source dataset into FFCV datasets, one per split, plus its label map."""
+"""Turn a source dataset into FFCV datasets, one per split, plus its label map.
 
-import gzip
+Image files go through two passes. The scan decodes every file strictly, in parallel,
+and decides which are written; the size checks and the projected size come from it,
+so that nothing is written when a file would not fit. The write then decodes the good
+files again inside FFCV's writer processes, in an order shuffled with the recorded seed.
+"""
+
 import json
 import logging
-import pickle
+import os
 import time
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.datasets import DATASET_FORMAT, DatasetInfo, SplitInfo
 from pipeline.errors import DataError
+from pipeline.images import BadImage, ImageReport, read_rgb
+from pipeline.progress import BarFactory, open_bar
+from pipeline.sources import ArraySplit, FileSplit, SourceSettings, read_source
 
 log = logging.getLogger(__name__)
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-DATASETS = ("fashion-mnist", "cifar10", "imagenet", "folder")
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "folder")
+WRITE_MODES = ("jpg", "raw")
+PAGE_SIZE = 8 << 20  # FFCV's default page; no stored sample may exceed it
+REPORT_FILE = "prepare-report.json"
 
 
 @dataclass(frozen=True)
@@ -40,213 +39,149 @@ class PrepareSettings:
     out: Path
     holdout: int = 0
     seed: int = 0
-    max_resolution: int = 256
+    max_resolution: int = 500  # longest stored side of file images; 0 keeps every size
+    write_mode: str = "jpg"
+    jpeg_quality: int = 90
     workers: int = 2
+    strict: bool = False
+    devkit: Path | None = None
+    overwrite: bool = False
+    page_size: int = PAGE_SIZE
+    progress: BarFactory | None = None
 
 
 @dataclass
-class ArraySplit:
-    """Images held in memory as (N, H, W, C) uint8, with their labels."""
+class SplitScan:
+    """What the scan of one file split found."""
 
-    images: np.ndarray
-    labels: np.ndarray
+    good: np.ndarray  # indices into the split's files
+    reports: list  # ImageReport per good file, in the order of ``good``
+    bad: list[tuple[str, str]]  # (path, reason)
 
 
 @dataclass
-class FileSplit:
-    """Image files on disk, with their labels."""
+class PrepareReport:
+    """The summary of one prepare: what was written, skipped and converted."""
 
-    paths: list[Path]
-    labels: np.ndarray
+    dataset: str
+    out: str
+    label_rule: str
+    first_labels: list[tuple[str, int]]
+    written: dict[str, int] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    converted: dict[str, int] = field(default_factory=dict)  # source mode -> files
+    misnamed: list[tuple[str, str]] = field(default_factory=list)  # (path, real format)
+    ignored: dict[str, int] = field(default_factory=dict)  # suffix -> files left out
+    projected_bytes: dict[str, int] = field(default_factory=dict)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
 
+    @property
+    def images_per_s(self) -> float:
+        return sum(self.written.values()) / max(self.seconds, 1e-9)
 
-class _ArrayRows:
-    def __init__(self, split: ArraySplit):
-        self.split = split
-
-    def __len__(self):
-        return len(self.split.labels)
-
-    def __getitem__(self, i):
-        return self.split.images[i], int(self.split.labels[i])
-
-
-class _FileRows:
-    def __init__(self, split: FileSplit):
-        self.split = split
-
-    def __len__(self):
-        return len(self.split.labels)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        with Image.open(self.split.paths[i]) as img:
-            rgb = np.asarray(img.convert("RGB"))
-        return rgb, int(self.split.labels[i])
+    def save(self, root: Path) -> None:
+        data = asdict(self) | {"images_per_s": self.images_per_s}
+        (root / REPORT_FILE).write_text(json.dumps(data, indent=1))
 
 
-def prepare(settings: PrepareSettings) -> DatasetInfo:
+def prepare(settings: PrepareSettings) -> tuple[DatasetInfo, PrepareReport]:
     """Read the source, write ``<split>.beton`` files, ``labels.json`` and ``dataset.json``."""
-    if settings.dataset not in DATASETS:
-        raise DataError(f"unknown dataset {settings.dataset!r}; choose one of {list(DATASETS)}")
+    _check_settings(settings)
     started = time.perf_counter()
-
-    if settings.dataset == "fashion-mnist":
-        classes, splits = _read_fashion_mnist(settings.src or FASHION_MNIST_DIR)
-    elif settings.dataset == "cifar10":
-        classes, splits = _read_cifar10(_require_src(settings))
-    else:
-        classes, splits = _read_class_folders(_require_src(settings))
+    labels, splits = read_source(SourceSettings(settings.dataset, settings.src, settings.devkit))
     splits = _split_holdout(splits, settings.holdout, settings.seed)
+    report = PrepareReport(
+        dataset=settings.dataset,
+        out=str(settings.out),
+        label_rule=labels.rule,
+        first_labels=[(c, i) for i, c in enumerate(labels.classes[:5])],
+    )
+    log.info(
+        "labels: %d classes, %s: %s%s",
+        len(labels.classes),
+        labels.rule,
+        ", ".join(f"{c} -> {i}" for c, i in report.first_labels),
+        ", ..." if len(labels.classes) > 5 else "",
+    )
+
+    # Scan every file, then check sizes: all before anything is written.
+    scans = _scan_files(splits, settings)
+    for name, scan in scans.items():
+        _account(report, splits[name], scan)
+    _refuse_bad(report, settings)
+    for name, split in splits.items():
+        # Each writer process fills pages of its own: up to one page each left part empty.
+        padding = settings.workers * settings.page_size
+        report.projected_bytes[name] = _check_sizes(split, scans.get(name), settings) + padding
+    _log_projection(report, settings)
 
     out = settings.out
-    out.mkdir(parents=True, exist_ok=True)
-    # Until the new dataset.json is written, the folder holds no dataset at all.
-    (out / "dataset.json").unlink(missing_ok=True)
-    (out / "labels.json").write_text(json.dumps({c: i for i, c in enumerate(classes)}, indent=1))
+    _claim_out(out, settings.overwrite)
+    (out / "labels.json").write_text(json.dumps(labels.index(), indent=1))
     kind = "array" if isinstance(splits["train"], ArraySplit) else "image"
-    mean, std = _channel_stats(splits["train"])
+    mean, std = _channel_stats(splits["train"], scans.get("train"))
 
     split_infos = {}
-    for name, split in splits.items():
+    for k, (name, split) in enumerate(splits.items()):
+        rows = _good_rows(split, scans.get(name))
+        order = rows[np.random.default_rng([settings.seed, k]).permutation(len(rows))]
         path = out / f"{name}.beton"
-        log.info("writing %d samples of split %r to %s", len(split.labels), name, path)
-        _write_beton(path, split, settings)
-        split_infos[name] = SplitInfo(file=path.name, count=int(len(split.labels)))
+        log.info("writing %d samples of split %r to %s", len(order), name, path)
+        _write_beton(path, split, order, settings)
+        _write_sources(out / f"{name}.sources.txt", split, order)
+        split_infos[name] = SplitInfo(file=path.name, count=len(order))
+        report.written[name] = len(order)
+        report.bytes_written += path.stat().st_size
 
-    if kind == "array":
-        _, h, w, c = splits["train"].images.shape
-        input_shape = (c, h, w)
-    else:
-        input_shape = (3, settings.max_resolution, settings.max_resolution)
     info = DatasetInfo(
         format=DATASET_FORMAT,
         name=settings.dataset,
         id=uuid.uuid4().hex,
         kind=kind,
-        input_shape=input_shape,
-        num_classes=len(classes),
-        classes=tuple(classes),
+        input_shape=_input_shape(splits["train"], settings),
+        num_classes=len(labels.classes),
+        classes=labels.classes,
         splits=split_infos,
         eval_split=next((s for s in ("test", "val") if s in split_infos), None),
         mean=tuple(mean),
         std=tuple(std),
         holdout=settings.holdout,
         seed=settings.seed,
+        label_rule=labels.rule,
     )
+    report.seconds = time.perf_counter() - started
+    report.save(out)
     info.save(out)
-    log.info("prepared %s in %.1f s", settings.dataset, time.perf_counter() - started)
-    return info
+    log.info("prepared %s in %.1f s", settings.dataset, report.seconds)
+    return DatasetInfo.load(out), report
 
 
-def _require_src(settings: PrepareSettings) -> Path:
-    if settings.src is None:
-        raise DataError(f"prepare {settings.dataset} needs SRC, the folder of the source files")
-    if not settings.src.is_dir():
-        raise DataError(f"source folder {settings.src} does not exist")
-    return settings.src
+def _check_settings(settings: PrepareSettings) -> None:
+    if settings.dataset not in DATASETS:
+        raise DataError(f"unknown dataset {settings.dataset!r}; choose one of {list(DATASETS)}")
+    if settings.write_mode not in WRITE_MODES:
+        raise DataError(
+            f"unknown write mode {settings.write_mode!r}; choose one of {list(WRITE_MODES)}"
+        )
+    if settings.max_resolution < 0:
+        raise DataError(
+            f"--max-resolution {settings.max_resolution} is negative; give 0 (keep every "
+            "size) or the longest side to store, e.g. 500"
+        )
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file")
-    ndim = raw[3]
-    dims = np.frombuffer(raw, ">u4", count=ndim, offset=4).astype(int)
-    expected = 4 + 4 * ndim + int(np.prod(dims))
-    if len(raw) != expected:
-        raise DataError(f"{path} holds {len(raw)} bytes, its header promises {expected}")
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def _find(src: Path, stem: str) -> Path:
-    for name in (stem, stem + ".gz"):
-        if (src / name).is_file():
-            return src / name
-    raise DataError(
-        f"Fashion-MNIST file {stem}[.gz] not found in {src}; install the Debian package "
-        "dataset-fashion-mnist or pass the folder holding the IDX files as SRC"
-    )
-
-
-def _read_fashion_mnist(src: Path) -> tuple[list[str], dict[str, ArraySplit]]:
-    splits = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        images = _read_idx(_find(src, f"{prefix}-images-idx3-ubyte"))
-        labels = _read_idx(_find(src, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
-        if len(images) != len(labels):
-            raise DataError(f"{split}: {len(images)} images but {len(labels)} labels in {src}")
-        splits[split] = ArraySplit(images[..., None].copy(), labels)
-    return list(FASHION_MNIST_CLASSES), splits
-
-
-def _read_cifar10(src: Path) -> tuple[list[str], dict[str, ArraySplit]]:
-    def load(name):
-        path = src / name
-        if not path.is_file():
-            raise DataError(
-                f"CIFAR-10 batch {path} not found; SRC must be the cifar-10-batches-py folder"
-            )
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
-
-    meta = load("batches.meta")
-    classes = [name.decode() for name in meta[b"label_names"]]
-    splits = {}
-    for split, names in (
-        ("train", [f"data_batch_{i}" for i in range(1, 6)]),
-        ("test", ["test_batch"]),
-    ):
-        batches = [load(n) for n in names]
-        data = np.concatenate([b[b"data"] for b in batches])
-        labels = np.concatenate([np.asarray(b[b"labels"]) for b in batches]).astype(np.int64)
-        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
-        splits[split] = ArraySplit(images, labels)
-    return classes, splits
-
-
-def _sorted_classes(names: list[str]) -> list[str]:
-    if all(n.isdigit() for n in names):
-        return sorted(names, key=int)
-    return sorted(names)
-
-
-def _read_class_folders(src: Path) -> tuple[list[str], dict[str, FileSplit]]:
-    train_dir = src / "train"
-    if not train_dir.is_dir():
-        raise DataError(f"{src} has no train/ folder; expected SRC/train/<class>/<image>")
-    classes = _sorted_classes([d.name for d in train_dir.iterdir() if d.is_dir()])
-    if not classes:
-        raise DataError(f"{train_dir} holds no class folders")
-    index = {c: i for i, c in enumerate(classes)}
-
-    splits = {}
-    for split in ("train", "val"):
-        root = src / split
-        if split == "val" and not root.is_dir():
-            continue
-        present = sorted(d.name for d in root.iterdir() if d.is_dir())
-        if not present:
-            raise DataError(
-                f"{root} holds no class folders; a flat validation folder needs its labels "
-                "(not yet supported: move the images into <class>/ folders)"
-            )
-        unknown = sorted(set(present) - set(classes))
-        if unknown:
-            raise DataError(f"{root} has classes not in train/: {unknown[:10]}")
-        paths, labels = [], []
-        for name in present:
-            for p in sorted((root / name).iterdir()):
-                if p.suffix.lower() in IMAGE_SUFFIXES:
-                    paths.append(p)
-                    labels.append(index[name])
-        if not paths:
-            raise DataError(f"{root} holds no image files ({sorted(IMAGE_SUFFIXES)})")
-        splits[split] = FileSplit(paths, np.asarray(labels, dtype=np.int64))
-    return classes, splits
+def _claim_out(out: Path, overwrite: bool) -> None:
+    """Make ``out`` ready; a prepared dataset there is replaced only when asked."""
+    if (out / "dataset.json").exists() and not overwrite:
+        raise DataError(
+            f"{out} already holds a prepared dataset; runs made from it would lose their "
+            "data. Choose another --out, or pass --overwrite to replace it"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    # Until the new dataset.json is written, the folder holds no dataset at all.
+    (out / "dataset.json").unlink(missing_ok=True)
 
 
 def _split_holdout(splits: dict, holdout: int, seed: int) -> dict:
@@ -268,20 +203,156 @@ def _split_holdout(splits: dict, holdout: int, seed: int) -> dict:
 
 def _take(split, idx: np.ndarray):
     if isinstance(split, ArraySplit):
-        return ArraySplit(split.images[idx], split.labels[idx])
-    return FileSplit([split.paths[i] for i in idx], split.labels[idx])
+        return ArraySplit(split.images[idx], split.labels[idx], split.sources[idx])
+    paths = [split.paths[i] for i in idx]
+    return FileSplit(split.root, paths, split.labels[idx], split.ignored)
 
 
-def _channel_stats(split) -> tuple[list[float], list[float]]:
+def _scan_one(path: Path) -> ImageReport | str:
+    try:
+        return read_rgb(path)[1]
+    except BadImage as err:
+        return str(err)
+    except OSError as err:
+        return f"unreadable ({err})"
+
+
+def _scan_files(splits: dict, settings: PrepareSettings) -> dict[str, SplitScan]:
+    """Decode every file of every file split strictly, with ``settings.workers`` processes."""
+    files = {name: split for name, split in splits.items() if isinstance(split, FileSplit)}
+    if not files:
+        return {}
+    scans = {}
+    with ProcessPoolExecutor(settings.workers) as pool:
+        for name, split in files.items():
+            scans[name] = _scan(name, split, pool, settings)
+    return scans
+
+
+def _scan(name: str, split: FileSplit, pool, settings: PrepareSettings) -> SplitScan:
+    results = []
+    bar = open_bar(settings.progress, len(split.paths), f"scan {name}", "img")
+    chunk = max(1, min(64, len(split.paths) // (8 * settings.workers)))
+    for result in pool.map(_scan_one, split.paths, chunksize=chunk):
+        results.append(result)
+        bar.update(1)
+    bar.close()
+
+    good, reports, bad = [], [], []
+    for i, (path, result) in enumerate(zip(split.paths, results, strict=True)):
+        if isinstance(result, str):
+            log.warning("skipping %s: %s", path, result)
+            bad.append((str(path), result))
+        else:
+            good.append(i)
+            reports.append(result)
+    if not good:
+        raise DataError(
+            f"split {name!r}: none of the {len(split.paths)} files in {split.root} "
+            "is a readable image"
+        )
+    return SplitScan(np.asarray(good, dtype=np.int64), reports, bad)
+
+
+def _account(report: PrepareReport, split: FileSplit, scan: SplitScan) -> None:
+    report.skipped += scan.bad
+    for path_index, image in zip(scan.good, scan.reports, strict=True):
+        report.bytes_read += image.nbytes
+        if image.mode != "RGB":
+            report.converted[image.mode] = report.converted.get(image.mode, 0) + 1
+        path = split.paths[path_index]
+        if not image.named_as(path):
+            report.misnamed.append((str(path), image.format))
+    for suffix, count in split.ignored.items():
+        report.ignored[suffix] = report.ignored.get(suffix, 0) + count
+    for path, real in report.misnamed[-5:]:
+        log.info("%s is a %s file despite its name; read as %s", path, real, real)
+
+
+def _refuse_bad(report: PrepareReport, settings: PrepareSettings) -> None:
+    if not report.skipped:
+        return
+    if settings.strict:
+        listing = "; ".join(f"{p}: {why}" for p, why in report.skipped[:10])
+        more = f" (and {len(report.skipped) - 10} more)" if len(report.skipped) > 10 else ""
+        raise DataError(
+            f"{len(report.skipped)} bad image files, and --strict is on: {listing}{more}. "
+            "Nothing was written; replace or remove them, or run without --strict to skip them"
+        )
+    log.warning("skipping %d bad image files in all", len(report.skipped))
+
+
+def _stored_size(width: int, height: int, max_resolution: int) -> tuple[int, int]:
+    """(width, height) as FFCV's RGB field stores them: longest side cut to the maximum."""
+    ratio = max_resolution / max(width, height) if max_resolution else 1.0
+    if ratio >= 1:
+        return width, height
+    return int(ratio * width), int(ratio * height)
+
+
+def _check_sizes(split, scan: SplitScan | None, settings: PrepareSettings) -> int:
+    """Refuse any sample larger than a page; return the split's projected bytes."""
+    if isinstance(split, ArraySplit):
+        sample = int(np.prod(split.images.shape[1:]))
+        if sample > settings.page_size:
+            raise DataError(
+                f"samples of {sample:,} bytes do not fit a page of {settings.page_size:,} bytes"
+            )
+        return sample * len(split.labels)
+
+    projected = 0
+    for i, image in zip(scan.good, scan.reports, strict=True):
+        w, h = _stored_size(image.width, image.height, settings.max_resolution)
+        raw = w * h * 3
+        if raw > settings.page_size:
+            fits = int((settings.page_size / 3) ** 0.5)
+            raise DataError(
+                f"{split.paths[i]} is {image.width}x{image.height} ({raw:,} bytes as RGB), "
+                f"larger than a page of the dataset ({settings.page_size:,} bytes) with "
+                f"--max-resolution {settings.max_resolution}; pass --max-resolution {fits} "
+                "or less. Nothing was written"
+            )
+        if settings.write_mode == "raw":
+            projected += raw
+        elif image.format == "JPEG":
+            projected += int(image.nbytes * (w * h) / (image.width * image.height))
+        else:
+            projected += raw // 8
+    return projected
+
+
+def _log_projection(report: PrepareReport, settings: PrepareSettings) -> None:
+    sizes = ", ".join(f"{k} {_mb(v)}" for k, v in report.projected_bytes.items())
+    estimate = " (JPEG sizes estimated from the sources)" if settings.write_mode == "jpg" else ""
+    log.info("projected size: %s%s", sizes, estimate)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _good_rows(split, scan: SplitScan | None) -> np.ndarray:
+    return np.arange(len(split.labels)) if scan is None else scan.good
+
+
+def _input_shape(split, settings: PrepareSettings) -> tuple[int, int, int]:
+    if isinstance(split, ArraySplit):
+        _, h, w, c = split.images.shape
+        return (c, h, w)
+    side = settings.max_resolution or 0
+    return (3, side, side)
+
+
+def _channel_stats(split, scan: SplitScan | None) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of pixel values in [0, 1], over the training split."""
     if isinstance(split, ArraySplit):
         pixels = split.images.reshape(-1, split.images.shape[-1]).astype(np.float64) / 255
         return pixels.mean(0).tolist(), pixels.std(0).tolist()
-    rows = _FileRows(split)
-    pick = np.random.default_rng(0).permutation(len(rows))[:500]
+    good = scan.good
+    pick = good[np.random.default_rng(0).permutation(len(good))[:500]]
     sums, sq, count = np.zeros(3), np.zeros(3), 0
     for i in pick:
-        img = rows[int(i)][0].reshape(-1, 3).astype(np.float64) / 255
+        img = read_rgb(split.paths[int(i)])[0].reshape(-1, 3).astype(np.float64) / 255
         sums += img.sum(0)
         sq += (img**2).sum(0)
         count += len(img)
@@ -289,19 +360,102 @@ def _channel_stats(split) -> tuple[list[float], list[float]]:
     return mean.tolist(), np.sqrt(sq / count - mean**2).tolist()
 
 
-def _write_beton(path: Path, split, settings: PrepareSettings) -> None:
+class _ArrayRows:
+    def __init__(self, split: ArraySplit):
+        self.split = split
+
+    def __len__(self):
+        return len(self.split.labels)
+
+    def __getitem__(self, i):
+        return self.split.images[i], int(self.split.labels[i])
+
+
+class _FileRows:
+    """Rows for FFCV's writer processes. A raise there would hang the writer, so a file
+    that fails now (changed since the scan) is noted in ``failures`` and written black."""
+
+    def __init__(self, split: FileSplit, failures: Path):
+        self.split = split
+        self.failures = failures
+
+    def __len__(self):
+        return len(self.split.labels)
+
+    def __getitem__(self, i):
+        try:
+            rgb = read_rgb(self.split.paths[i])[0]
+        except Exception as err:  # noqa: BLE001 - every failure must reach the parent
+            with open(self.failures / f"{os.getpid()}.txt", "a") as f:
+                f.write(f"{self.split.paths[i]}\t{type(err).__name__}: {err}\n")
+            rgb = np.zeros((8, 8, 3), np.uint8)
+        return rgb, int(self.split.labels[i])
+
+
+def _write_beton(path: Path, split, order: np.ndarray, settings: PrepareSettings) -> None:
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.writer import DatasetWriter
 
+    failures = path.with_suffix(".failures")
+    failures.mkdir(exist_ok=True)
     if isinstance(split, ArraySplit):
         image_field = NDArrayField(dtype=np.dtype("uint8"), shape=split.images.shape[1:])
         rows = _ArrayRows(split)
     else:
-        image_field = RGBImageField(write_mode="jpg", max_resolution=settings.max_resolution)
-        rows = _FileRows(split)
+        image_field = RGBImageField(
+            write_mode=settings.write_mode,
+            max_resolution=settings.max_resolution or None,
+            jpeg_quality=settings.jpeg_quality,
+        )
+        rows = _FileRows(split, failures)
     tmp = path.with_suffix(".beton.partial")
     writer = DatasetWriter(
-        str(tmp), {"image": image_field, "label": IntField()}, num_workers=settings.workers
+        str(tmp),
+        {"image": image_field, "label": IntField()},
+        page_size=settings.page_size,
+        num_workers=settings.workers,
     )
-    writer.from_indexed_dataset(rows, shuffle_indices=False)
+    writer.from_indexed_dataset(rows, indices=order.tolist(), chunksize=64)
+
+    failed = [line for f in sorted(failures.iterdir()) for line in f.read_text().splitlines()]
+    for f in failures.iterdir():
+        f.unlink()
+    failures.rmdir()
+    if failed:
+        tmp.unlink()
+        raise DataError(
+            f"{len(failed)} files failed while writing {path.name} though the scan read them "
+            f"(changed meanwhile?): {'; '.join(failed[:5])}. Nothing was kept; prepare again"
+        )
     tmp.replace(path)
+
+
+def _write_sources(path: Path, split, order: np.ndarray) -> None:
+    """One line per stored sample, in stored order: its source file or source index."""
+    if isinstance(split, ArraySplit):
+        lines = (str(int(split.sources[i])) for i in order)
+    else:
+        lines = (str(split.paths[i].relative_to(split.root.parent)) for i in order)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def summary(report: PrepareReport) -> list[str]:
+    """The report as a few lines a person can read at a glance."""
+    written = ", ".join(f"{k} {v:,}" for k, v in report.written.items())
+    converted = ", ".join(f"{m} {n:,}" for m, n in sorted(report.converted.items())) or "none"
+    lines = [
+        f"written: {written}",
+        f"skipped: {len(report.skipped):,} bad files"
+        + (f" (listed in {REPORT_FILE})" if report.skipped else ""),
+        f"converted to RGB: {converted}",
+        f"bytes: read {_mb(report.bytes_read)}, written {_mb(report.bytes_written)}",
+        f"time: {report.seconds:.1f} s, {report.images_per_s:,.0f} images/s",
+    ]
+    if report.misnamed:
+        formats = Counter(real for _, real in report.misnamed)
+        named = ", ".join(f"{n} {fmt}" for fmt, n in formats.items())
+        lines.append(f"named as another format: {named} (read by their bytes)")
+    if report.ignored:
+        left = ", ".join(f"{s} {n}" for s, n in sorted(report.ignored.items()))
+        lines.append(f"left out, not image files by their names: {left}")
+    return lines

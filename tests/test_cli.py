@@ -1,5 +1,6 @@
 """Each command through click's CliRunner: exit codes, messages and files."""
 
+import gzip
 import json
 
 import numpy as np
@@ -251,14 +252,12 @@ def test_cache_features_writes_every_split(run_dir, tiny_data):
     assert manifest["complete"] and manifest["dtype"] == "float16"
     assert group["train/features"].shape == (512, 8, 14, 14)
     assert group["test/features"].dtype == np.float16
-    # Labels follow the dataset's order, the last partial batch included.
-    want = np.frombuffer(
-        __import__("gzip")
-        .open(next(p for p in tiny_data.parent.glob("fmnist-src*/t10k-labels-idx1-ubyte.gz")))
-        .read(),
-        np.uint8,
-        offset=8,
-    )
+    # Labels follow the dataset's stored order, the last partial batch included.
+    source = next(p for p in tiny_data.parent.glob("fmnist-src*/t10k-labels-idx1-ubyte.gz"))
+    with gzip.open(source) as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    order = [int(i) for i in (tiny_data / "test.sources.txt").read_text().split()]
+    want = labels[order]
     assert np.array_equal(group["test/labels"][:], want)
 
 

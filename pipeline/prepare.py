@@ -57,6 +57,7 @@ class SplitScan:
     good: np.ndarray  # indices into the split's files
     reports: list  # ImageReport per good file, in the order of ``good``
     bad: list[tuple[str, str]]  # (path, reason)
+    pixel_sums: np.ndarray  # (3, 3): per channel, sum and sum of squares of [0, 1] values, count
 
 
 @dataclass
@@ -75,6 +76,8 @@ class PrepareReport:
     projected_bytes: dict[str, int] = field(default_factory=dict)
     bytes_read: int = 0
     bytes_written: int = 0
+    scan_seconds: float = 0.0
+    write_seconds: float = 0.0
     seconds: float = 0.0
 
     @property
@@ -107,7 +110,9 @@ def prepare(settings: PrepareSettings) -> tuple[DatasetInfo, PrepareReport]:
     )
 
     # Scan every file, then check sizes: all before anything is written.
+    scan_started = time.perf_counter()
     scans = _scan_files(splits, settings)
+    report.scan_seconds = time.perf_counter() - scan_started
     for name, scan in scans.items():
         _account(report, splits[name], scan)
     _refuse_bad(report, settings)
@@ -124,6 +129,7 @@ def prepare(settings: PrepareSettings) -> tuple[DatasetInfo, PrepareReport]:
     mean, std = _channel_stats(splits["train"], scans.get("train"))
 
     split_infos = {}
+    write_started = time.perf_counter()
     for k, (name, split) in enumerate(splits.items()):
         rows = _good_rows(split, scans.get(name))
         order = rows[np.random.default_rng([settings.seed, k]).permutation(len(rows))]
@@ -134,6 +140,7 @@ def prepare(settings: PrepareSettings) -> tuple[DatasetInfo, PrepareReport]:
         split_infos[name] = SplitInfo(file=path.name, count=len(order))
         report.written[name] = len(order)
         report.bytes_written += path.stat().st_size
+    report.write_seconds = time.perf_counter() - write_started
 
     info = DatasetInfo(
         format=DATASET_FORMAT,
@@ -208,13 +215,18 @@ def _take(split, idx: np.ndarray):
     return FileSplit(split.root, paths, split.labels[idx], split.ignored)
 
 
-def _scan_one(path: Path) -> ImageReport | str:
+def _scan_one(path: Path) -> tuple[ImageReport, np.ndarray] | str:
+    """The file's report and its pixel sums (per channel: sum, sum of squares, count),
+    or why it is bad."""
     try:
-        return read_rgb(path)[1]
+        rgb, report = read_rgb(path)
     except BadImage as err:
         return str(err)
     except OSError as err:
         return f"unreadable ({err})"
+    pixels = rgb.reshape(-1, 3).astype(np.float64) / 255
+    sums = np.stack([pixels.sum(0), (pixels**2).sum(0), np.full(3, len(pixels))])
+    return report, sums
 
 
 def _scan_files(splits: dict, settings: PrepareSettings) -> dict[str, SplitScan]:
@@ -238,20 +250,21 @@ def _scan(name: str, split: FileSplit, pool, settings: PrepareSettings) -> Split
         bar.update(1)
     bar.close()
 
-    good, reports, bad = [], [], []
+    good, reports, bad, sums = [], [], [], np.zeros((3, 3))
     for i, (path, result) in enumerate(zip(split.paths, results, strict=True)):
         if isinstance(result, str):
             log.warning("skipping %s: %s", path, result)
             bad.append((str(path), result))
         else:
             good.append(i)
-            reports.append(result)
+            reports.append(result[0])
+            sums += result[1]
     if not good:
         raise DataError(
             f"split {name!r}: none of the {len(split.paths)} files in {split.root} "
             "is a readable image"
         )
-    return SplitScan(np.asarray(good, dtype=np.int64), reports, bad)
+    return SplitScan(np.asarray(good, dtype=np.int64), reports, bad, sums)
 
 
 def _account(report: PrepareReport, split: FileSplit, scan: SplitScan) -> None:
@@ -344,20 +357,14 @@ def _input_shape(split, settings: PrepareSettings) -> tuple[int, int, int]:
 
 
 def _channel_stats(split, scan: SplitScan | None) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of pixel values in [0, 1], over the training split."""
+    """Per-channel mean and std of pixel values in [0, 1], over the training split (for
+    image files, as stored before any resizing)."""
     if isinstance(split, ArraySplit):
         pixels = split.images.reshape(-1, split.images.shape[-1]).astype(np.float64) / 255
         return pixels.mean(0).tolist(), pixels.std(0).tolist()
-    good = scan.good
-    pick = good[np.random.default_rng(0).permutation(len(good))[:500]]
-    sums, sq, count = np.zeros(3), np.zeros(3), 0
-    for i in pick:
-        img = read_rgb(split.paths[int(i)])[0].reshape(-1, 3).astype(np.float64) / 255
-        sums += img.sum(0)
-        sq += (img**2).sum(0)
-        count += len(img)
-    mean = sums / count
-    return mean.tolist(), np.sqrt(sq / count - mean**2).tolist()
+    total, squares, count = scan.pixel_sums
+    mean = total / count
+    return mean.tolist(), np.sqrt(np.maximum(squares / count - mean**2, 0)).tolist()
 
 
 class _ArrayRows:
@@ -449,7 +456,8 @@ def summary(report: PrepareReport) -> list[str]:
         + (f" (listed in {REPORT_FILE})" if report.skipped else ""),
         f"converted to RGB: {converted}",
         f"bytes: read {_mb(report.bytes_read)}, written {_mb(report.bytes_written)}",
-        f"time: {report.seconds:.1f} s, {report.images_per_s:,.0f} images/s",
+        f"time: {report.seconds:.1f} s (scan {report.scan_seconds:.1f}, write "
+        f"{report.write_seconds:.1f}), {report.images_per_s:,.0f} images/s",
     ]
     if report.misnamed:
         formats = Counter(real for _, real in report.misnamed)

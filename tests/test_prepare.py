@@ -320,6 +320,9 @@ def test_thousand_and_one_images_read_back_in_stored_order(tmp_path):
     )
     names = sources(tmp_path / "out", "train")
     assert names != sorted(names), "the write order is shuffled"
+    colours = np.asarray([(i % 256, i // 256, 7) for i in range(1001)]) / 255
+    np.testing.assert_allclose(info.mean, colours.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(info.std, colours.std(0), rtol=1e-6, atol=1e-6)
 
     loader = ImageLoader(info, "train", batch_size=100, image_shape=(3, 16, 16))
     mean = np.asarray(info.mean)[:, None, None]

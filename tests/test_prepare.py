@@ -387,3 +387,21 @@ def test_bad_files_say_why(tmp_path):
         read_rgb(tmp_path / "empty.jpg")
     with pytest.raises(BadImage, match="not an image"):
         read_rgb(tmp_path / "text.jpg")
+
+
+def test_file_cut_after_the_scan_fails_the_write_and_keeps_nothing(tmp_path, photos, monkeypatch):
+    import pipeline.prepare as module
+
+    mixed_tree(tmp_path / "src", photos)
+    victim = sorted((tmp_path / "src/train/n01").glob("imagenet_*.JPEG"))[0]
+    scan = module._scan_files
+
+    def scan_then_cut(splits, settings):
+        scans = scan(splits, settings)
+        victim.write_bytes(victim.read_bytes()[:1000])
+        return scans
+
+    monkeypatch.setattr(module, "_scan_files", scan_then_cut)
+    with pytest.raises(DataError, match=f"failed while writing train.beton .*{victim}"):
+        prepare(PrepareSettings("folder", tmp_path / "src", tmp_path / "out", workers=2))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["labels.json"]

@@ -11,7 +11,7 @@ import time
 
 from bench.common import save
 
-BENCHMARKS = ("prepare",)
+BENCHMARKS = ("prepare", "loader")
 
 
 def main(argv: list[str] | None = None) -> int:

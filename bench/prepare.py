@@ -22,9 +22,10 @@ def photographs() -> list[Path]:
     return sorted((Path(spec.submodule_search_locations[0]) / "data").glob("imagenet_*.jpg"))
 
 
-def build_tree(root: Path, n: int) -> int:
-    """``n`` files under root/train/<class>/, copies of the photographs; their bytes."""
-    photos = [p.read_bytes() for p in photographs()]
+def build_tree(root: Path, n: int, side: int | None = None) -> int:
+    """``n`` files under root/train/<class>/, copies of the photographs (re-encoded as
+    ``side`` x ``side`` JPEGs of quality 90 when ``side`` is given); their bytes."""
+    photos = [_resized(p, side) for p in photographs()]
     total = 0
     for i in range(n):
         folder = root / "train" / f"c{i % len(photos):02d}"
@@ -33,6 +34,21 @@ def build_tree(root: Path, n: int) -> int:
         (folder / f"{i:06d}.JPEG").write_bytes(data)
         total += len(data)
     return total
+
+
+def _resized(path: Path, side: int | None) -> bytes:
+    if side is None:
+        return path.read_bytes()
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    with Image.open(path) as img:
+        img.convert("RGB").resize((side, side), Image.Resampling.BILINEAR).save(
+            out, format="JPEG", quality=90
+        )
+    return out.getvalue()
 
 
 def image_folder_pass(root: Path) -> tuple[int, float]:

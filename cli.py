@@ -378,6 +378,129 @@ def run_cmd(preset, data, run_dir, seed, source, dtype, workers, threads):
     click.echo(format_report(report))
 
 
+@main.command()
+@click.argument("preset")
+@click.option("--data", type=click.Path(path_type=Path, file_okay=False), help="Prepared dataset.")
+@click.option("--samples", type=click.IntRange(1), help="Training samples [default: DATA's].")
+@click.option("--eval-samples", type=click.IntRange(0), help="Eval samples [default: DATA's].")
+@click.option("--budget", help="Storage for caches, e.g. 4TB or 500GiB [default: unlimited].")
+@click.option("--views", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--dtype", type=DTYPES, default="float16", show_default=True)
+@click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Write the plan to DIR/plan.json.",
+)
+@click.option("--macs-per-s", type=float, help="Given compute rate (multiply-adds/s).")
+@click.option("--images-per-s", type=float, help="Given image loading rate.")
+@click.option("--read-mb-s", type=float, help="Given store read speed (MB/s).")
+@click.option("--write-mb-s", type=float, help="Given store write speed (MB/s).")
+@threads_option
+def plan(
+    preset,
+    data,
+    samples,
+    eval_samples,
+    budget,
+    views,
+    dtype,
+    run_dir,
+    macs_per_s,
+    images_per_s,
+    read_mb_s,
+    write_mb_s,
+    threads,
+) -> None:
+    """Which stages of PRESET to cache for the fastest greedy run within --budget.
+
+    Rates are measured on this machine (stages on random inputs, image loading from
+    DATA, a store probe) unless all four figures are given."""
+    from pipeline.plan import PlanSettings, parse_bytes
+    from pipeline.plan import plan as make
+
+    _set_threads(threads)
+    result = make(
+        PlanSettings(
+            preset=preset,
+            data=data,
+            train_samples=samples,
+            eval_samples=eval_samples,
+            budget_bytes=None if budget is None else parse_bytes(budget),
+            views=views,
+            dtype=dtype,
+            run=run_dir,
+            macs_per_s=macs_per_s,
+            images_per_s=images_per_s,
+            read_mb_s=read_mb_s,
+            write_mb_s=write_mb_s,
+        )
+    )
+    click.echo(format_plan(result))
+    if run_dir is not None:
+        click.echo(f"plan written to {run_dir / 'plan.json'}")
+
+
+def format_plan(plan) -> str:
+    """The plan as a table: per stage, its cache's size and what reading or recomputing
+    its output costs per epoch, and the choice."""
+    budget = "unlimited" if plan.budget_bytes is None else _size(plan.budget_bytes)
+    lines = [
+        f"{plan.preset}: {plan.train_samples:,} training samples x {plan.views} view(s) + "
+        f"{plan.eval_samples:,} eval, {plan.dtype}, budget {budget}",
+        f"rates: {plan.rates.source}",
+        "",
+    ]
+    header = [
+        "stage",
+        "cache/view",
+        "read/epoch",
+        "recompute/epoch",
+        "trains from",
+        "cache",
+        "train",
+        "write cache",
+    ]
+    rows = [
+        [
+            str(s.j),
+            _size(s.bytes_per_view),
+            _duration(s.read_s_per_epoch),
+            _duration(s.recompute_s_per_epoch),
+            "images" if s.source < 0 else f"cache {s.source}",
+            _size(s.cache_bytes) if s.cached else "-",
+            _duration(s.train_s),
+            _duration(s.cache_s) if s.cached else "-",
+        ]
+        for s in plan.stages
+    ]
+    lines.append(_table(header, rows))
+    cached = ", ".join(map(str, plan.cached)) or "none"
+    lines += [
+        "",
+        f"cache stages: {cached}; predicted run {_duration(plan.predicted_s)} "
+        f"(evaluation not counted); peak storage {_size(plan.peak_bytes)}",
+    ]
+    return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _duration(s: float) -> str:
+    if s >= 86400:
+        return f"{s / 86400:.1f} d"
+    if s >= 3600:
+        return f"{s / 3600:.1f} h"
+    if s >= 60:
+        return f"{s / 60:.1f} min"
+    return f"{s:.1f} s"
+
+
 @main.command("status")
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
 def status_cmd(run_dir):

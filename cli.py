@@ -396,6 +396,11 @@ def run_cmd(preset, data, run_dir, seed, source, dtype, workers, threads):
 @click.option("--images-per-s", type=float, help="Given image loading rate.")
 @click.option("--read-mb-s", type=float, help="Given store read speed (MB/s).")
 @click.option("--write-mb-s", type=float, help="Given store write speed (MB/s).")
+@click.option(
+    "--overlap",
+    is_flag=True,
+    help="With given figures: loading and writing run alongside compute (a GPU machine).",
+)
 @threads_option
 def plan(
     preset,
@@ -410,6 +415,7 @@ def plan(
     images_per_s,
     read_mb_s,
     write_mb_s,
+    overlap,
     threads,
 ) -> None:
     """Which stages of PRESET to cache for the fastest greedy run within --budget.
@@ -434,6 +440,7 @@ def plan(
             images_per_s=images_per_s,
             read_mb_s=read_mb_s,
             write_mb_s=write_mb_s,
+            overlap=overlap,
         )
     )
     click.echo(format_plan(result))
@@ -480,6 +487,8 @@ def format_plan(plan) -> str:
         "",
         f"cache stages: {cached}; predicted run {_duration(plan.predicted_s)} "
         f"(evaluation not counted); peak storage {_size(plan.peak_bytes)}",
+        f"against: recomputing every stage {_duration(plan.recompute_all_s)}; caching every "
+        f"stage {_duration(plan.cache_all_s)} with {_size(plan.cache_all_peak_bytes)} at peak",
     ]
     return "\n".join(lines)
 

@@ -7,12 +7,15 @@ storage; the plan is the fastest set whose peak fits the budget.
 
 Per sample, with rates measured on this machine or given:
 
-- input of stage j from source s: loading an image (s = images) or reading s's cached
-  bytes, plus one forward pass of every stage from s+1 to j-1;
-- training stage j: its input plus a training step of stage j and its head, for every
-  epoch of stage j;
-- caching stage j (train and eval splits, ``views`` views of each training sample): its
-  input, a forward pass of stage j and writing its bytes.
+- loading the input of stage j from source s: an image (s = images) or s's cached bytes;
+- training stage j: a forward pass of every frozen stage from s+1 to j-1 and a training
+  step of stage j and its head, for every epoch of stage j;
+- caching stage j (train and eval splits, ``views`` views of each training sample): the
+  same forward passes, one of stage j, and writing its bytes.
+
+Loading and writing add to compute when they share the processor (measured on a CPU
+machine), or overlap with it, costing the larger of the two (``overlap``: a GPU machine
+whose loaders run on its CPUs).
 
 A cache can be deleted once every stage that reads it is trained and the next cache up,
 computed from it, is written; the peak storage is the largest sum of caches alive at once.
@@ -66,6 +69,10 @@ class Rates:
     read_bytes_per_s: float  # reading a feature store
     write_bytes_per_s: float  # writing a feature store
     source: str  # how the figures were obtained
+    overlap: bool = False  # loading and writing run alongside compute (a GPU machine)
+
+    def per_sample(self, io_s: float, compute_s: float) -> float:
+        return max(io_s, compute_s) if self.overlap else io_s + compute_s
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,9 @@ class Plan:
     views: int
     dtype: str
     rates: Rates
+    recompute_all_s: float = 0.0  # the same run caching nothing (the authors' way)
+    cache_all_s: float = 0.0  # caching every stage below the last, whatever its storage
+    cache_all_peak_bytes: int = 0
 
     def source(self, j: int) -> int:
         return self.stages[j].source
@@ -133,6 +143,7 @@ def rates_from_figures(
     images_per_s: float,
     read_mb_s: float,
     write_mb_s: float,
+    overlap: bool = False,
 ) -> Rates:
     """Rates from a machine's figures: a training step costs three forward passes."""
     for name, value in (
@@ -152,8 +163,10 @@ def rates_from_figures(
         write_bytes_per_s=write_mb_s * 1e6,
         source=(
             f"given: {macs_per_s:.3g} multiply-adds/s, {images_per_s:,.0f} images/s, "
-            f"read {read_mb_s:,.0f} MB/s, write {write_mb_s:,.0f} MB/s"
+            f"read {read_mb_s:,.0f} MB/s, write {write_mb_s:,.0f} MB/s; loading "
+            + ("overlapped with compute" if overlap else "added to compute")
         ),
+        overlap=overlap,
     )
 
 
@@ -180,7 +193,15 @@ def make_plan(
             if best is None or key < (best.predicted_s, best.peak_bytes):
                 best = plan
     # Caching nothing needs no storage, so some plan always fits.
-    return dataclasses.replace(best, budget_bytes=budget_bytes)
+    nothing = predict(arch, rates, (), train_samples, eval_samples, views, dtype)
+    everything = predict(arch, rates, tuple(candidates), train_samples, eval_samples, views, dtype)
+    return dataclasses.replace(
+        best,
+        budget_bytes=budget_bytes,
+        recompute_all_s=nothing.predicted_s,
+        cache_all_s=everything.predicted_s,
+        cache_all_peak_bytes=everything.peak_bytes,
+    )
 
 
 def predict(
@@ -200,30 +221,33 @@ def predict(
     def source_of(j: int) -> int:
         return max((i for i in cached if i < j), default=IMAGES)
 
-    def input_s(j: int, source: int) -> float:
-        """Seconds per sample to bring stage j's input from ``source``."""
-        load = (
-            rates.image_s
-            if source == IMAGES
-            else costs[source].cached_bytes / (rates.read_bytes_per_s)
-        )
-        return load + sum(rates.stage_forward_s[source + 1 : j])
+    def load_s(source: int) -> float:
+        """Seconds per sample to load an image or read a cached sample of ``source``."""
+        if source == IMAGES:
+            return rates.image_s
+        return costs[source].cached_bytes / rates.read_bytes_per_s
+
+    def recompute_s(source: int, j: int) -> float:
+        """Seconds per sample of the frozen stages between ``source`` and stage j."""
+        return sum(rates.stage_forward_s[source + 1 : j])
 
     stages = []
     for j in range(arch.depth):
         source = source_of(j)
-        per_sample = input_s(j, source)
-        train_s = arch.epochs(j) * train_samples * (per_sample + rates.stage_train_s[j])
+        load, between = load_s(source), recompute_s(source, j)
+        step = rates.per_sample(load, between + rates.stage_train_s[j])
+        train_s = arch.epochs(j) * train_samples * step
         is_cached = j in cached
         cache_bytes = n_cache * costs[j].cached_bytes if is_cached else 0
         cache_s = 0.0
         if is_cached:
             write = costs[j].cached_bytes / rates.write_bytes_per_s
-            cache_s = n_cache * (per_sample + rates.stage_forward_s[j] + write)
+            forward = between + rates.stage_forward_s[j]
+            cache_s = n_cache * rates.per_sample(load + write, forward)
         # For the table: one epoch of stage j's output read from its cache, or recomputed
         # from the nearest cache below it (or the images).
         read_epoch = train_samples * costs[j].cached_bytes / rates.read_bytes_per_s
-        recompute_epoch = train_samples * (per_sample + rates.stage_forward_s[j])
+        recompute_epoch = train_samples * rates.per_sample(load, between + rates.stage_forward_s[j])
         stages.append(
             StagePlan(
                 j=j,
@@ -373,6 +397,7 @@ class PlanSettings:
     images_per_s: float | None = None
     read_mb_s: float | None = None
     write_mb_s: float | None = None
+    overlap: bool = False
     store_dir: Path | None = None  # where to probe the store's speed
 
 
@@ -398,6 +423,7 @@ def plan(settings: PlanSettings) -> Plan:
             settings.images_per_s,
             settings.read_mb_s,
             settings.write_mb_s,
+            settings.overlap,
         )
     elif any(f is not None for f in figures):
         raise PlanError(

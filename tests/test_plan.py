@@ -123,12 +123,34 @@ def test_plan_command_prints_and_writes_the_plan(tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "budget 1.0 TB" in result.output and "trains from" in result.output
+    assert "loading added to compute" in result.output
     saved = json.loads((tmp_path / "run/plan.json").read_text())
     assert saved["peak_bytes"] <= 10**12 and saved["budget_bytes"] == 10**12
     assert f"cache stages: {', '.join(map(str, saved['cached'])) or 'none'};" in result.output
+
+
+def test_plan_command_overlap_reaches_the_rates(tmp_path):
+    args = ["plan", "cifar10-k3", "--samples", "50000", "--overlap"]
+    for key, value in FIGURES.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "loading overlapped with compute" in result.output
 
 
 def test_plan_command_refuses_partial_figures():
     result = CliRunner().invoke(main, ["plan", "fmnist", "--samples", "100", "--macs-per-s", "1e9"])
     assert result.exit_code == 1
     assert "give all of --macs-per-s, --images-per-s, --read-mb-s and --write-mb-s" in result.output
+
+
+def test_overlapped_loading_costs_the_larger_of_load_and_compute():
+    arch = load_architecture("cifar10-k3")
+    rates = rates_from_figures(arch, 1e9, 500, 100, 50, overlap=True)
+    costs = arch.costs()
+    plan = predict(arch, rates, (), 1000, 0)
+    for j in (0, 3):
+        compute = sum(c.stage_macs for c in costs[:j]) / 1e9
+        compute += 3 * (costs[j].stage_macs + costs[j].head_macs) / 1e9
+        want = arch.epochs(j) * 1000 * max(1 / 500, compute)
+        assert plan.stages[j].train_s == pytest.approx(want, rel=1e-12)

@@ -770,7 +770,8 @@ def _write_region(job: _Job, first: int, stop_chunk: int, lease: Lease | None) -
             out = torch.cat(
                 [stage(x[i : i + job.batch_size]) for i in range(0, len(x), job.batch_size)]
             )
-            out = out.numpy().astype(job.dtype)
+            with np.errstate(over="ignore"):  # an overflow is refused by name just below
+                out = out.numpy().astype(job.dtype)
             _check_finite(out, job.j, job.split, index * chunk)
             if pending is not None:
                 pending.result()

@@ -15,6 +15,7 @@ finished only through its record, written after the chunk: zarr skips chunks equ
 the fill value, so a chunk file's presence or absence proves nothing.
 """
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -532,22 +533,27 @@ def cache_features(settings: CacheSettings) -> dict:
         started = time.perf_counter()
         missing = _prepare_store(url, manifest, settings)
         _check_space(url, j, manifest, missing, sample_bytes)
-        for split in splits:
-            jobs = _Job(
-                run=run.root,
-                j=j,
-                url=url,
-                split=split,
-                dtype=settings.dtype,
-                batch_size=batch_size,
-                workers=settings.workers,
-                lease_token=lease.token,
-                fault=fault,
-            )
-            _write_split(settings, jobs, missing[split], chunk, splits[split], lease)
+        with _cluster(settings, url) as client:
+            _write_splits(settings, client, run, url, manifest, missing, lease, fault)
         manifest = _commit(url, manifest, round(time.perf_counter() - started, 2))
     log.info("stage %d features written to %s in %.1f s", j, url, manifest["seconds"])
     return manifest
+
+
+def _write_splits(settings, client, run, url, manifest, missing, lease, fault) -> None:
+    for split, n in manifest["splits"].items():
+        job = _Job(
+            run=run.root,
+            j=manifest["stage"],
+            url=url,
+            split=split,
+            dtype=manifest["dtype"],
+            batch_size=manifest["batch_size"],
+            workers=settings.workers,
+            lease_token=lease.token,
+            fault=fault,
+        )
+        _write_split(settings, client, job, missing[split], manifest["chunk_samples"], n, lease)
 
 
 def _prepare_store(url: str, manifest: dict, settings: CacheSettings) -> dict[str, list[int]]:
@@ -686,7 +692,9 @@ def _regions(missing: list[int], per_region: int) -> list[list[int]]:
     return regions
 
 
-def _write_split(settings, job: _Job, missing: list[int], chunk: int, n: int, lease) -> None:
+def _write_split(
+    settings, client, job: _Job, missing: list[int], chunk: int, n: int, lease
+) -> None:
     """Compute and write the unfinished chunks of one split, as regions of whole chunks.
 
     Regions never share a chunk, so tasks need no lock. Without a cluster they run one
@@ -699,8 +707,8 @@ def _write_split(settings, job: _Job, missing: list[int], chunk: int, n: int, le
     rows = sum(min(chunk, n - i * chunk) for i in missing)
     bar = open_bar(settings.progress, rows, f"cache stage {job.j} {job.split}", "img")
     try:
-        if settings.scheduler or settings.dask_workers:
-            _write_on_cluster(settings, job, regions, bar, lease)
+        if client is not None:
+            _write_on_cluster(client, job, regions, bar, lease)
         else:
             for region in regions:
                 lease.check()
@@ -720,32 +728,51 @@ def _check_cluster(settings: CacheSettings, url: str) -> None:
             )
 
 
-def _write_on_cluster(settings, job: _Job, regions: list[list[int]], bar, lease) -> None:
-    from distributed import Client, LocalCluster, as_completed
+@contextlib.contextmanager
+def _cluster(settings: CacheSettings, url: str) -> Iterator:
+    """A dask.distributed client for the run's tasks, or None to run them in this process."""
+    if not (settings.scheduler or settings.dask_workers):
+        yield None
+        return
+    from distributed import Client, LocalCluster
 
     if settings.scheduler:
-        client, cluster = Client(settings.scheduler), None
-    else:
-        # A memory:// store is only shared by workers that are threads of this process.
+        cluster = None
+        client = Client(settings.scheduler)
+    elif url.startswith("memory://"):
+        # A memory:// store is shared only by workers that are threads of this process.
         cluster = LocalCluster(
             n_workers=settings.dask_workers,
             threads_per_worker=1,
-            processes=not job.url.startswith("memory://"),
+            processes=False,
+            dashboard_address=None,
+        )
+        client = Client(cluster)
+    else:
+        cluster = LocalCluster(
+            n_workers=settings.dask_workers,
+            threads_per_worker=1,
             host="127.0.0.1",
             dashboard_address=None,
         )
         client = Client(cluster)
     try:
-        futures = [
-            client.submit(_write_region, job, r[0], r[-1] + 1, None, pure=False) for r in regions
-        ]
-        for future in as_completed(futures):
-            bar.update(future.result())
-            lease.check()
+        yield client
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _write_on_cluster(client, job: _Job, regions: list[list[int]], bar, lease) -> None:
+    from distributed import as_completed
+
+    futures = [
+        client.submit(_write_region, job, r[0], r[-1] + 1, None, pure=False) for r in regions
+    ]
+    for future in as_completed(futures):
+        bar.update(future.result())
+        lease.check()
 
 
 def _write_region(job: _Job, first: int, stop_chunk: int, lease: Lease | None) -> int:

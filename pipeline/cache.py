@@ -503,11 +503,11 @@ def cache_features(settings: CacheSettings) -> dict:
         )
     fault = _parse_fault(os.environ.get(FAULT_ENV))
     run.load_stage(j)  # refuses damaged weights before anything is written
+    _check_cluster(settings, settings.store or store_url(run, j))
     if settings.store:
         location_path(run, j).parent.mkdir(parents=True, exist_ok=True)
         location_path(run, j).write_text(settings.store + "\n")
     url = store_url(run, j)
-    _check_cluster(settings, url)
 
     # Describe the store before writing a byte of it.
     batch_size = settings.batch_size or run.arch.training.batch_size

@@ -278,3 +278,21 @@ def test_malformed_fault_point_is_refused(run, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "train:x:mid")
     with pytest.raises(CacheError, match="GREEDY_CACHE_FAULT='train:x:mid' is malformed"):
         cache_features(settings(run))
+
+
+def test_cli_verify_reports_and_records(run):
+    from test_cli import ok, refused
+
+    refused("cache-features", "--run", run.root, "--j", 0, "--verify", match="is missing, so there")
+    ok("cache-features", "--run", run.root, "--j", 0, "--chunk-mb", CHUNK_MB)
+    out = ok("cache-features", "--run", run.root, "--j", 0, "--verify", "--verify-rows", 5).output
+    assert "20 chunks match their checksums, 10 recomputed rows match within float16" in out
+    manifest = zarr.open_group(str(run.features_path(0)), mode="r").attrs[MANIFEST_KEY]
+    assert manifest["verified"]["ok"] is True and manifest["verified"]["rows_checked"] == 10
+
+
+def test_cli_refuses_two_kinds_of_cluster(run):
+    from test_cli import refused
+
+    args = ("cache-features", "--run", run.root, "--j", 0)
+    refused(*args, "--dask-workers", 2, "--scheduler", "tcp://127.0.0.1:1", match="not both")

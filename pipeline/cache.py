@@ -385,11 +385,19 @@ class Lease:
         self.store.write(LEASE_KEY, json.dumps(claim).encode())
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            if (self.holder() or {}).get("token") != self.token:
-                self.lost = True
-                return
-            self._write()
+        while not self._stop.wait(self.ttl / 3) and not self.lost:
+            try:
+                self.renew()
+            except OSError as err:
+                # Retried at the next renewal; the claim expires only after ttl seconds.
+                log.warning("renewing the lease on %s failed: %s", self.store.url, err)
+
+    def renew(self) -> None:
+        """Write the claim again, unless another writer has taken it over meanwhile."""
+        if (self.holder() or {}).get("token") != self.token:
+            self.lost = True
+            return
+        self._write()
 
     def check(self) -> None:
         if self.lost:

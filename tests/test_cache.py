@@ -296,3 +296,20 @@ def test_cli_refuses_two_kinds_of_cluster(run):
 
     args = ("cache-features", "--run", run.root, "--j", 0)
     refused(*args, "--dask-workers", 2, "--scheduler", "tcp://127.0.0.1:1", match="not both")
+
+
+def test_writer_whose_lease_was_taken_over_stops(run):
+    url = str(run.features_path(0))
+    lease = Lease(url, ttl=600).acquire()
+    try:
+        lease.renew()
+        assert not lease.lost
+        claim = {"host": "node-3", "pid": 7, "token": "other", "renewed": time.time(), "ttl": 60}
+        (run.features_path(0) / LEASE_KEY).write_text(json.dumps(claim))
+        lease.renew()
+        with pytest.raises(CacheError, match="was taken over by another writer"):
+            lease.check()
+    finally:
+        lease.release()
+    # The new holder's claim is left in place.
+    assert json.loads((run.features_path(0) / LEASE_KEY).read_text())["token"] == "other"

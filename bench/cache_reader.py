@@ -5,8 +5,9 @@ For each stage j given, from stage j-1's store in ``--run``:
 - reader: samples/s and MB/s of one shuffled epoch read from the store on disk (memory
   mode off: whole chunks in a shuffled order, a read-ahead thread, a shuffle buffer),
   next to the same reader holding the split in memory (one full random permutation);
-- epochs: the seconds of one training epoch of stage j, reading from the store and from
-  memory, on copies of the run (the run itself is not changed);
+- epochs: the seconds of ``--steps`` training steps of stage j, reading from the store
+  and from memory, alternated ``--repeats`` times, on copies of the run (the run itself
+  is not changed);
 - accuracy (``--accuracy-seeds``): stage ``--accuracy-stage`` trained for its full epochs
   with each seed, once in the store reader's order and once in a full random permutation,
   and its head's top-1 on the test split.
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 RESULTS = Path(__file__).resolve().parent / "results"
 IN_MEMORY = 64 << 30
 FROM_STORE = 0
+PARTS = ("codecs", "reader", "epochs", "accuracy")
 
 
 def reader_throughput(run: Run, j: int, batch_size: int, seed: int = 0) -> dict:
@@ -150,12 +152,21 @@ def _test_top1(run: Run, j: int, batch_size: int) -> float:
 
 
 def train_stage(
-    run: Run, j: int, budget: int, epochs: int | None, scratch: Path, seed: int | None = None
+    run: Run,
+    j: int,
+    budget: int,
+    epochs: int | None,
+    scratch: Path,
+    seed: int | None = None,
+    steps: int | None = None,
 ) -> dict:
     """Train stage j on a copy of the run, reading from the store (budget 0) or memory."""
     copy = _copy_run(run, j, scratch / f"stage{j}-{budget}-{time.monotonic_ns()}", seed)
     try:
-        train_layer(TrainSettings(run=copy.root, j=j, epochs=epochs, memory_budget=budget), copy)
+        settings = TrainSettings(
+            run=copy.root, j=j, epochs=epochs, max_steps=steps, memory_budget=budget
+        )
+        train_layer(settings, copy)
         epochs_done = _epochs(copy)
         return {
             "epoch_seconds": [round(e["seconds"], 2) for e in epochs_done],
@@ -171,10 +182,16 @@ def measure(
     stages: tuple[int, ...] = (1, 2),
     accuracy_seeds: tuple[int, ...] = (),
     accuracy_stage: int = 1,
+    accuracy_epochs: int | None = None,
     threads: int = 2,
     scratch: Path | None = None,
+    parts: tuple[str, ...] = PARTS,
+    out: Path | None = None,
+    steps: int = 150,
+    repeats: int = 3,
 ) -> dict:
-    """Every measurement of this module, as a dict ready for JSON."""
+    """The measurements named in ``parts``, as a dict ready for JSON; written to ``out``
+    after each one when given."""
     torch.set_num_threads(threads)
     run = Run.open(run_dir)
     batch_size = run.arch.training.batch_size
@@ -189,29 +206,54 @@ def measure(
         "reader": {},
         "epochs": {},
         "accuracy": [],
+        "accuracy_epochs": accuracy_epochs or run.arch.epochs(accuracy_stage),
     }
     scratch = Path(scratch or tempfile.gettempdir())
-    log.info("codecs and chunk sizes on stage %d's test features", stages[0] - 1)
-    result["codecs"] = codec_comparison(run, stages[0] - 1, scratch)
+
+    def save():
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+
+    if "codecs" in parts:
+        log.info("codecs and chunk sizes on stage %d's test features", stages[0] - 1)
+        result["codecs"] = codec_comparison(run, stages[0] - 1, scratch)
+        save()
     for j in stages:
-        log.info("stage %d: reader throughput", j)
-        result["reader"][j] = reader_throughput(run, j, batch_size)
-        log.info("stage %d: one training epoch from the store and from memory", j)
-        store = train_stage(run, j, FROM_STORE, 1, scratch)
-        memory = train_stage(run, j, IN_MEMORY, 1, scratch)
-        result["epochs"][j] = {
-            "store_seconds": store["epoch_seconds"][0],
-            "memory_seconds": memory["epoch_seconds"][0],
-            "store_over_memory": round(store["epoch_seconds"][0] / memory["epoch_seconds"][0], 3),
-            "store_data_wait_share": store["data_wait_share"][0],
-            "memory_data_wait_share": memory["data_wait_share"][0],
-        }
-    for seed in accuracy_seeds:
+        if "reader" in parts:
+            log.info("stage %d: reader throughput", j)
+            result["reader"][j] = reader_throughput(run, j, batch_size)
+            save()
+        if "epochs" in parts:
+            # Alternate the two readers over a number of steps, so that a change of the
+            # machine's load falls on both; the median ratio is reported.
+            log.info("stage %d: training steps from the store and from memory", j)
+            times = {"store": [], "memory": []}
+            waits = {"store": [], "memory": []}
+            for _ in range(repeats):
+                for name, budget in (("store", FROM_STORE), ("memory", IN_MEMORY)):
+                    trained = train_stage(run, j, budget, None, scratch, steps=steps)
+                    times[name].append(trained["epoch_seconds"][0])
+                    waits[name].append(trained["data_wait_share"][0])
+            ratios = [a / b for a, b in zip(times["store"], times["memory"], strict=True)]
+            result["epochs"][j] = {
+                "steps": steps,
+                "store_seconds": times["store"],
+                "memory_seconds": times["memory"],
+                "store_data_wait_share": waits["store"],
+                "memory_data_wait_share": waits["memory"],
+                "store_over_memory_median": round(float(np.median(ratios)), 3),
+            }
+            save()
+    for seed in accuracy_seeds if "accuracy" in parts else ():
         for order, budget in (("store reader", FROM_STORE), ("full permutation", IN_MEMORY)):
-            log.info("seed %d: stage %d for its full epochs, %s order", seed, accuracy_stage, order)
-            trained = train_stage(run, accuracy_stage, budget, None, scratch, seed)
+            log.info("seed %d: stage %d, %s order", seed, accuracy_stage, order)
+            trained = train_stage(run, accuracy_stage, budget, accuracy_epochs, scratch, seed)
             result["accuracy"].append({"seed": seed, "order": order, **trained})
+            log.info("seed %d, %s order: test top-1 %.2f%%", seed, order, trained["test_top1"])
+            save()
     result["load_average_after"] = os.getloadavg()
+    save()
     return result
 
 
@@ -221,6 +263,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--accuracy-seeds", type=int, nargs="*", default=[])
     parser.add_argument("--accuracy-stage", type=int, default=1)
+    parser.add_argument(
+        "--accuracy-epochs", type=int, default=None, help="[default: the stage's epochs]"
+    )
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--steps", type=int, default=150, help="training steps per timing")
+    parser.add_argument("--repeats", type=int, default=3, help="timings of each reader")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scratch", type=Path, default=None, help="folder for run copies")
     parser.add_argument("--out", type=Path, default=RESULTS / "cache_reader.json")
@@ -232,11 +280,14 @@ def main(argv: list[str] | None = None) -> dict:
         tuple(args.stages),
         tuple(args.accuracy_seeds),
         args.accuracy_stage,
+        args.accuracy_epochs,
         args.threads,
         args.scratch,
+        tuple(args.parts),
+        args.out,
+        args.steps,
+        args.repeats,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"reader": result["reader"], "epochs": result["epochs"]}, indent=2))
     print(f"written to {args.out}")
     return result

@@ -710,7 +710,9 @@ def _write_split(
     """
     if not missing:
         return
-    per_region = max(1, int(settings.region_mb // settings.chunk_mb))
+    # On a cluster a region is one task. In this process each run of consecutive chunks
+    # is one region: a new image loader compiles its pipeline again, which costs seconds.
+    per_region = max(1, int(settings.region_mb // settings.chunk_mb)) if client else len(missing)
     regions = _regions(missing, per_region)
     rows = sum(min(chunk, n - i * chunk) for i in missing)
     bar = open_bar(settings.progress, rows, f"cache stage {job.j} {job.split}", "img")
@@ -898,11 +900,13 @@ def _region_input(run: Run, job: _Job, start: int, stop: int):
             workers=job.workers,
         )
     features, labels, _ = open_features(run, job.j - 1, job.split)
+    # Streamed chunk by chunk, in order, by the loader's read-ahead thread.
     return FeatureLoader(
         _Rows(features, start, stop),
         labels[start:stop],
         job.batch_size,
         name=store_url(run, job.j - 1),
+        memory_budget=0,
     )
 
 

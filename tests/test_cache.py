@@ -313,3 +313,16 @@ def test_writer_whose_lease_was_taken_over_stops(run):
         lease.release()
     # The new holder's claim is left in place.
     assert json.loads((run.features_path(0) / LEASE_KEY).read_text())["token"] == "other"
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 30])
+def test_reader_refuses_a_missing_chunk_streamed_or_in_memory(run, budget):
+    from pipeline.loaders import FeatureLoader
+
+    cache_features(settings(run))
+    (run.features_path(0) / "train/features/c/3/0/0/0").unlink()
+    features, labels, _ = open_features(run, 0, "train")
+    with pytest.raises(CacheError, match="row 99 holds non-finite values"):
+        loader = FeatureLoader(features, labels, 32, shuffle=True, memory_budget=budget)
+        for _ in loader.epoch(0):
+            pass

@@ -304,13 +304,70 @@ def train_layer_cmd(run_dir, j, preset, data, seed, source, epochs, steps, worke
     show_default=True,
     help="Uncompressed size of one chunk of samples.",
 )
+@click.option(
+    "--codec", type=click.Choice(["zstd", "lz4", "none"]), default="zstd", show_default=True
+)
+@click.option(
+    "--clevel", type=click.IntRange(0, 22), default=1, show_default=True, help="Codec level."
+)
+@click.option(
+    "--store",
+    default=None,
+    help="fsspec URL of the store (s3://..., memory://...) [default: RUN/features/stage_J.zarr].",
+)
+@click.option(
+    "--dask-workers",
+    type=click.IntRange(1),
+    default=None,
+    help="Write on a local dask cluster of N worker processes bound to 127.0.0.1.",
+)
+@click.option("--scheduler", default=None, help="Write on the dask cluster at ADDRESS.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Write nothing: check every chunk's checksum and recompute a random sample of rows.",
+)
+@click.option(
+    "--verify-rows",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Rows per split that --verify recomputes.",
+)
 @workers_option
 @threads_option
-def cache_features_cmd(run_dir, j, dtype, batch_size, chunk_mb, workers, threads):
-    """Write stage J's outputs over every split to RUN/features/stage_J.zarr."""
-    from pipeline.cache import CacheSettings, cache_features
+def cache_features_cmd(
+    run_dir,
+    j,
+    dtype,
+    batch_size,
+    chunk_mb,
+    codec,
+    clevel,
+    store,
+    dask_workers,
+    scheduler,
+    verify,
+    verify_rows,
+    workers,
+    threads,
+):
+    """Write stage J's outputs over every split to RUN/features/stage_J.zarr, or finish
+    an interrupted store; with --verify, check it."""
+    from pipeline.cache import CacheSettings, VerifySettings, cache_features, verify_cache
 
     _set_threads(threads)
+    if verify:
+        result = verify_cache(
+            VerifySettings(
+                run=run_dir, j=j, rows=verify_rows, batch_size=batch_size, workers=workers
+            )
+        )
+        click.echo(
+            f"stage {j} cache verified: {result['chunks_checked']} chunks match their "
+            f"checksums, {result['rows_checked']} recomputed rows match within {dtype} rounding"
+        )
+        return
     manifest = cache_features(
         CacheSettings(
             run=run_dir,
@@ -318,6 +375,11 @@ def cache_features_cmd(run_dir, j, dtype, batch_size, chunk_mb, workers, threads
             dtype=dtype,
             batch_size=batch_size,
             chunk_mb=chunk_mb,
+            codec=codec,
+            clevel=clevel,
+            store=store,
+            dask_workers=dask_workers,
+            scheduler=scheduler,
             workers=workers,
             progress=_bar,
         )

@@ -1,26 +1,41 @@
 """Feature stores: stage j's outputs over every split, in a chunked zarr v3 store.
 
-Layout of ``RUN/features/stage_<j>.zarr``::
+Layout of ``RUN/features/stage_<j>.zarr`` (or of the fsspec URL named in
+``RUN/features/stage_<j>.location``)::
 
-    <split>/features   (N, C, H, W), float16 by default, chunked along samples
-    <split>/labels     (N,), int64
+    <split>/features                   (N, C, H, W), float16 by default, chunked along samples
+    <split>/labels                     (N,), int64, chunked like the features
+    _greedy/chunks/<split>/<i>.json    the record of finished chunk i: rows and checksums
+    _greedy/lease.json                 the writer's claim, renewed while it runs
 
 The group's ``greedy_manifest`` attribute ties the store to the stage weights and the
-input it was computed from; ``complete`` is set last, once every split is written.
+input it was computed from. A store is incomplete until the commit, the last write of a
+run, sets ``complete`` after checking that every chunk has its record. A chunk counts as
+finished only through its record, written after the chunk: zarr skips chunks equal to
+the fill value, so a chunk file's presence or absence proves nothing.
 """
 
+import contextlib
+import datetime
 import hashlib
+import json
 import logging
+import os
+import shutil
+import socket
+import threading
 import time
+import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import dask
+import fsspec
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 
 from pipeline.errors import CacheError, RunStateError
 from pipeline.loaders import FeatureLoader, ImageLoader
@@ -30,8 +45,21 @@ from pipeline.rundir import Run
 log = logging.getLogger(__name__)
 
 MANIFEST_KEY = "greedy_manifest"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+CODECS = ("zstd", "lz4", "none")
+RECORDS = "_greedy/chunks"
+LEASE_KEY = "_greedy/lease.json"
+LEASE_SECONDS = 60.0
+# "<split>:<chunk>:<point>[:exit]" stops the writer at chunk <chunk> of <split>, at
+# <point> "before" its write, "mid" write (a torn chunk file) or "after" it (no record).
+# ":exit" ends the process on the spot, as a kill would; otherwise InjectedFault is raised.
+FAULT_ENV = "GREEDY_CACHE_FAULT"
+FAULT_POINTS = ("before", "mid", "after")
+
+
+class InjectedFault(BaseException):
+    """Raised at the point named by GREEDY_CACHE_FAULT; never caught by the pipeline."""
 
 
 @dataclass(frozen=True)
@@ -41,36 +69,108 @@ class CacheSettings:
     dtype: str = "float16"
     batch_size: int | None = None
     chunk_mb: float = 4.0
-    region_mb: float = 1024.0
+    region_mb: float = 256.0
+    codec: str = "zstd"
     clevel: int = 1
     workers: int = 2
+    store: str | None = None
+    dask_workers: int | None = None
+    scheduler: str | None = None
+    lease_seconds: float = LEASE_SECONDS
     progress: BarFactory | None = None
 
 
-def manifest_id(manifest: dict) -> str:
-    keys = ("stage", "lineage", "dtype")
-    return hashlib.sha256(repr([manifest[k] for k in keys]).encode()).hexdigest()
+@dataclass(frozen=True)
+class VerifySettings:
+    run: Path
+    j: int
+    rows: int = 64
+    seed: int | None = None
+    batch_size: int | None = None
+    workers: int = 2
 
 
-def read_manifest(path: Path) -> dict | None:
-    if not path.exists():
+# -- where a store lives ------------------------------------------------------
+
+
+def location_path(run: Run, j: int) -> Path:
+    """The file naming stage j's store when it lives elsewhere than the run directory."""
+    return run.features_path(j).with_suffix(".location")
+
+
+def store_url(run: Run, j: int) -> str:
+    """Stage j's store: the URL in its location file, else the run directory's path."""
+    pointer = location_path(run, j)
+    if pointer.is_file():
+        return pointer.read_text().strip()
+    return str(run.features_path(j))
+
+
+class _Store:
+    """Raw key access to a store through fsspec, beside zarr's own access."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        protocols = self.fs.protocol
+        self.local = "file" in (protocols if isinstance(protocols, tuple) else (protocols,))
+
+    def path(self, key: str) -> str:
+        return f"{self.root.rstrip('/')}/{key}"
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self.path(key))
+        except FileNotFoundError:
+            return None
+
+    def write(self, key: str, data: bytes) -> None:
+        if self.local:
+            # A local write lands whole or not at all: write aside, then rename.
+            path = Path(self.path(key))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(self.path(key), data)
+
+    def delete(self, key: str, recursive: bool = False) -> None:
+        try:
+            self.fs.rm(self.path(key), recursive=recursive)
+        except FileNotFoundError:
+            pass
+
+
+def _open_group(url: str, mode: str) -> zarr.Group:
+    return zarr.open_group(url, mode=mode)
+
+
+def read_manifest(path) -> dict | None:
+    """The manifest of the store at ``path`` (a path or URL); None when there is no store."""
+    url = str(path)
+    store = _Store(url)
+    if store.read("zarr.json") is None:
         return None
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = _open_group(url, "r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
-        return {"unreadable": str(path)}
-    return group.attrs.get(MANIFEST_KEY, {"unreadable": str(path)})
+        return {"unreadable": url}
+    return group.attrs.get(MANIFEST_KEY, {"unreadable": url})
 
 
 def cache_state(run: Run, j: int) -> str:
-    """One of ``missing``, ``damaged``, ``incomplete``, ``stale`` or ``current``."""
-    manifest = read_manifest(run.features_path(j))
+    """One of ``missing``, ``damaged``, ``unsupported``, ``incomplete``, ``stale`` or
+    ``current``. ``unsupported``: written by a version of greedy-cli this one cannot read."""
+    manifest = read_manifest(store_url(run, j))
     if manifest is None:
         return "missing"
     if not isinstance(manifest, dict) or not {"lineage", "splits", "shape"} <= set(manifest):
         return "damaged"
-    if manifest.get("format") != CACHE_FORMAT:
-        return "stale"
+    fmt = manifest.get("format")
+    if fmt != CACHE_FORMAT:
+        # Format 1 is this program's earlier layout: write it again. Others are refused.
+        return "stale" if fmt == 1 else "unsupported"
     if not manifest.get("complete"):
         return "incomplete"
     if manifest["lineage"] != run.lineage(j + 1):
@@ -81,46 +181,55 @@ def cache_state(run: Run, j: int) -> str:
 def cache_ids(run: Run) -> list[str | None]:
     """The id of each stage's current cache, None where a stage has none."""
     return [
-        read_manifest(run.features_path(j))["id"] if cache_state(run, j) == "current" else None
+        read_manifest(store_url(run, j))["id"] if cache_state(run, j) == "current" else None
         for j in range(run.arch.depth)
     ]
 
 
 def open_features(run: Run, j: int, split: str) -> tuple[zarr.Array, np.ndarray, dict]:
     """Stage j's cached features and labels for ``split``, refusing a store that is not current."""
-    path = run.features_path(j)
+    url = store_url(run, j)
     state = cache_state(run, j)
     redo = f"`greedy-cli cache-features --run {run.root} --j {j}`"
     if state == "missing":
-        raise CacheError(f"stage {j} has no cached features in {path}; run {redo} first")
+        raise CacheError(f"stage {j} has no cached features in {url}; run {redo} first")
     if state == "incomplete":
-        raise CacheError(f"the cache {path} is incomplete; run {redo} to write it again")
+        raise CacheError(
+            f"the cache {url} is incomplete; run {redo} to write it again (an interrupted "
+            "run resumes, writing only the chunks that are not finished)"
+        )
     if state == "stale":
         raise CacheError(
-            f"the cache {path} does not match the stages now trained "
+            f"the cache {url} does not match the stages now trained "
             f"(a stage at or below {j} was retrained, or the store's format differs); run {redo}"
         )
     if state == "damaged":
-        raise CacheError(f"the cache {path} is damaged (its manifest is unreadable); run {redo}")
-    group = zarr.open_group(str(path), mode="r")
+        raise CacheError(f"the cache {url} is damaged (its manifest is unreadable); run {redo}")
+    if state == "unsupported":
+        fmt = read_manifest(url).get("format")
+        raise CacheError(
+            f"the cache {url} has format {fmt!r}; this greedy-cli reads format {CACHE_FORMAT}. "
+            f"Read it with the greedy-cli that wrote it, or remove it and run {redo}"
+        )
+    group = _open_group(url, "r")
     manifest = group.attrs[MANIFEST_KEY]
     if split not in manifest["splits"]:
-        raise CacheError(f"{path} has no split {split!r}; it has {sorted(manifest['splits'])}")
+        raise CacheError(f"{url} has no split {split!r}; it has {sorted(manifest['splits'])}")
     try:
         features, labels = group[f"{split}/features"], np.asarray(group[f"{split}/labels"][:])
     except Exception as err:  # noqa: BLE001 - zarr fails in many ways on damaged metadata
         raise CacheError(
-            f"{path}/{split} cannot be read ({type(err).__name__}: {err}); the store is damaged. "
+            f"{url}/{split} cannot be read ({type(err).__name__}: {err}); the store is damaged. "
             f"Run {redo}"
         ) from err
     if len(labels) and labels.min() < 0:
         raise CacheError(
-            f"{path}/{split}/labels has unwritten entries (a chunk is missing); run {redo}"
+            f"{url}/{split}/labels has unwritten entries (a chunk is missing); run {redo}"
         )
     want = (manifest["splits"][split], *manifest["shape"])
     if features.shape != want or labels.shape != want[:1]:
         raise CacheError(
-            f"{path}/{split} holds features {features.shape} and labels {labels.shape}, its "
+            f"{url}/{split} holds features {features.shape} and labels {labels.shape}, its "
             f"manifest promises {want}; the store was altered. Run {redo}"
         )
     return features, labels, manifest
@@ -181,7 +290,7 @@ def stage_input(
         features,
         labels,
         batch_size,
-        name=str(run.features_path(j - 1)),
+        name=store_url(run, j - 1),
         shuffle=shuffle,
         seed=seed,
         drop_last=drop_last,
@@ -194,8 +303,198 @@ def stage_input(
     )
 
 
+# -- the writer's lease ---------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    """One writer per store: a claim in the store, renewed by a thread while it lives.
+
+    A claim whose last renewal is older than its ``ttl`` seconds has expired and may be
+    taken over, on any store. On the holder's own host a claim whose process is gone is
+    taken over at once. The renewal time is the holder's clock: hosts sharing a remote
+    store are assumed to keep their clocks within a small fraction of ``ttl``.
+    TODO: use a conditional write (S3 If-None-Match) to make the claim atomic on object
+    stores; two writers claiming in the same instant are now told apart by reading back.
+    """
+
+    def __init__(self, url: str, ttl: float = LEASE_SECONDS):
+        self.store = _Store(url)
+        self.ttl = ttl
+        self.token = uuid.uuid4().hex
+        self.identity = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token}
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def holder(self) -> dict | None:
+        raw = self.store.read(LEASE_KEY)
+        if raw is None:
+            return None
+        try:
+            holder = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {"host": "?", "pid": -1, "token": "?", "renewed": 0.0, "ttl": 0.0}
+        return holder if isinstance(holder, dict) else None
+
+    def expired(self, holder: dict) -> bool:
+        if time.time() - float(holder.get("renewed", 0.0)) > float(holder.get("ttl", 0.0)):
+            return True
+        same_host = holder.get("host") == self.identity["host"]
+        return same_host and holder.get("pid") != os.getpid() and not _pid_alive(holder["pid"])
+
+    def acquire(self) -> "Lease":
+        holder = self.holder()
+        if holder is not None and holder.get("token") != self.token:
+            if not self.expired(holder):
+                age = time.time() - float(holder.get("renewed", 0.0))
+                raise CacheError(
+                    f"{self.store.url} is being written by host {holder.get('host')} process "
+                    f"{holder.get('pid')} (its lease was renewed {age:.0f} s ago and expires "
+                    f"{holder.get('ttl', 0):.0f} s after a renewal); wait for that run to end "
+                    "or stop it, then run cache-features again"
+                )
+            log.warning(
+                "taking over the lease on %s from host %s process %s: it is no longer renewed",
+                self.store.url,
+                holder.get("host"),
+                holder.get("pid"),
+            )
+        self._write()
+        if (self.holder() or {}).get("token") != self.token:
+            theirs = self.holder() or {}
+            raise CacheError(
+                f"{self.store.url} was claimed at the same moment by host {theirs.get('host')} "
+                f"process {theirs.get('pid')}; run cache-features again once it has ended"
+            )
+        self._thread = threading.Thread(target=self._renew, daemon=True)
+        self._thread.start()
+        return self
+
+    def _write(self) -> None:
+        claim = {**self.identity, "renewed": time.time(), "ttl": self.ttl}
+        self.store.write(LEASE_KEY, json.dumps(claim).encode())
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3) and not self.lost:
+            try:
+                self.renew()
+            except OSError as err:
+                # Retried at the next renewal; the claim expires only after ttl seconds.
+                log.warning("renewing the lease on %s failed: %s", self.store.url, err)
+
+    def renew(self) -> None:
+        """Write the claim again, unless another writer has taken it over meanwhile."""
+        if (self.holder() or {}).get("token") != self.token:
+            self.lost = True
+            return
+        self._write()
+
+    def check(self) -> None:
+        if self.lost:
+            raise CacheError(
+                f"the lease on {self.store.url} was taken over by another writer while this "
+                "one ran (it was not renewed in time); this run stops without writing more"
+            )
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if (self.holder() or {}).get("token") == self.token:
+            self.store.delete(LEASE_KEY)
+
+    def __enter__(self) -> "Lease":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# -- writing ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What a task needs to compute and write chunks of one split; picklable."""
+
+    run: Path
+    j: int
+    url: str
+    split: str
+    dtype: str
+    batch_size: int
+    workers: int
+    lease_token: str
+    fault: str | None
+
+
+def _parse_fault(value: str | None) -> str | None:
+    if not value:
+        return None
+    parts = value.split(":")
+    ok = len(parts) in (3, 4) and parts[1].isdigit() and parts[2] in FAULT_POINTS
+    if not ok or (len(parts) == 4 and parts[3] != "exit"):
+        raise CacheError(
+            f"{FAULT_ENV}={value!r} is malformed; write <split>:<chunk>:<point>[:exit] with "
+            f"<point> one of {list(FAULT_POINTS)}"
+        )
+    return value
+
+
+def _fault(job: _Job, index: int, point: str, store: "_Store | None" = None, key: str = ""):
+    if job.fault is None:
+        return
+    split, chunk, where, *how = job.fault.split(":")
+    if (split, int(chunk), where) != (job.split, index, point):
+        return
+    if point == "mid":
+        # Leave the chunk file torn, as a write cut short leaves it.
+        data = store.read(key) or b""
+        store.fs.pipe_file(store.path(key), data[: len(data) // 2])
+    if how:
+        os._exit(86)
+    raise InjectedFault(f"{FAULT_ENV}={job.fault}")
+
+
+def _sha(data: bytes | None) -> str | None:
+    return None if data is None else hashlib.sha256(data).hexdigest()
+
+
+def _chunk_keys(split: str, index: int, ndim: int) -> tuple[str, str]:
+    tail = "/".join(["c", str(index)] + ["0"] * (ndim - 1))
+    return f"{split}/features/{tail}", f"{split}/labels/c/{index}"
+
+
+def _record_key(split: str, index: int) -> str:
+    return f"{RECORDS}/{split}/{index}.json"
+
+
+def _compressors(codec: str, clevel: int):
+    if codec == "zstd":
+        return ZstdCodec(level=clevel)
+    if codec == "lz4":
+        return BloscCodec(cname="lz4", clevel=clevel, shuffle="bitshuffle")
+    return None
+
+
+def manifest_id(manifest: dict) -> str:
+    keys = ("stage", "lineage", "dtype", "shape", "chunk_samples", "codec", "splits")
+    return hashlib.sha256(repr([manifest.get(k) for k in keys]).encode()).hexdigest()
+
+
 def cache_features(settings: CacheSettings) -> dict:
-    """Write stage j's outputs over every split; return the manifest."""
+    """Write stage j's outputs over every split, or finish an interrupted store; commit
+    it and return its manifest."""
     run = Run.open(settings.run)
     j = settings.j
     run.check_stage_index(j)
@@ -203,19 +502,27 @@ def cache_features(settings: CacheSettings) -> dict:
         raise CacheError(
             f"--dtype {settings.dtype} is not supported; choose one of {list(STORAGE_DTYPES)}"
         )
+    if settings.codec not in CODECS:
+        raise CacheError(f"--codec {settings.codec} is not supported; choose one of {CODECS}")
     if not run.stage_current(j):
         raise RunStateError(
             f"stage {j} is not trained (or is stale); run "
             f"`greedy-cli train-layer --run {run.root} --j {j}` first"
         )
-    stage, _ = run.load_stage(j)
+    fault = _parse_fault(os.environ.get(FAULT_ENV))
+    run.load_stage(j)  # refuses damaged weights before anything is written
+    _check_cluster(settings, settings.store or store_url(run, j))
+    if settings.store:
+        location_path(run, j).parent.mkdir(parents=True, exist_ok=True)
+        location_path(run, j).write_text(settings.store + "\n")
+    url = store_url(run, j)
+
+    # Describe the store before writing a byte of it.
     batch_size = settings.batch_size or run.arch.training.batch_size
     out_shape = run.arch.stage_out_shape(j)
     sample_bytes = int(np.prod(out_shape)) * np.dtype(settings.dtype).itemsize
     chunk = max(1, int(settings.chunk_mb * 2**20 // sample_bytes))
     splits = {s: run.data.count(s) for s in run.data.splits}
-
-    # Describe the store before writing a byte of it.
     manifest = {
         "format": CACHE_FORMAT,
         "stage": j,
@@ -223,126 +530,383 @@ def cache_features(settings: CacheSettings) -> dict:
         "dtype": settings.dtype,
         "shape": list(out_shape),
         "chunk_samples": chunk,
-        "codec": {"name": "zstd", "level": settings.clevel},
+        "codec": {"name": settings.codec, "level": settings.clevel},
         "batch_size": batch_size,
         "splits": splits,
         "complete": False,
     }
     manifest["id"] = manifest_id(manifest)
-    for split, n in splits.items():
-        log.info(
-            "stage %d, split %s: %d samples x %s %s = %.1f MB before compression",
-            j,
-            split,
-            n,
-            out_shape,
-            settings.dtype,
-            n * sample_bytes / 1e6,
-        )
 
-    path = run.features_path(j)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(str(path), mode="w")
-    group.attrs[MANIFEST_KEY] = manifest
-    started = time.perf_counter()
-    for split, n in splits.items():
-        features = group.create_array(
-            f"{split}/features",
-            shape=(n, *out_shape),
-            chunks=(chunk, *out_shape),
-            dtype=settings.dtype,
-            compressors=ZstdCodec(level=settings.clevel),
-            # Never written (non-finite values are refused), so a missing chunk reads as NaN.
-            fill_value=float("nan"),
-        )
-        labels = group.create_array(
-            f"{split}/labels", shape=(n,), chunks=(n,), dtype="int64", fill_value=-1
-        )
-        _write_split(run, settings, stage, split, features, labels, batch_size)
-
-    manifest = {**manifest, "complete": True, "seconds": round(time.perf_counter() - started, 2)}
-    group.attrs[MANIFEST_KEY] = manifest
-    log.info("stage %d features written to %s in %.1f s", j, path, manifest["seconds"])
+    with Lease(url, settings.lease_seconds) as lease:
+        started = time.perf_counter()
+        missing = _prepare_store(url, manifest, settings)
+        _check_space(url, j, manifest, missing, sample_bytes)
+        with _cluster(settings, url) as client:
+            _write_splits(settings, client, run, url, manifest, missing, lease, fault)
+        manifest = _commit(url, manifest, round(time.perf_counter() - started, 2))
+    log.info("stage %d features written to %s in %.1f s", j, url, manifest["seconds"])
     return manifest
 
 
-def _write_split(run, settings, stage, split, features, labels, batch_size) -> None:
-    """Compute and write one split as dask tasks, each a region of whole chunks.
-
-    Regions never share a chunk, so tasks need no lock. They run on dask's synchronous
-    scheduler, in this process, with torch using every core.
-    TODO: accept a dask.distributed scheduler address to run the regions on a cluster.
-    """
-    n = features.shape[0]
-    chunk = features.chunks[0]
-    chunk_bytes = chunk * int(np.prod(features.shape[1:])) * features.dtype.itemsize
-    region = chunk * max(1, int(settings.region_mb * 2**20 // chunk_bytes))
-    regions = [(a, min(a + region, n)) for a in range(0, n, region)]
-    bar = open_bar(settings.progress, n, f"cache stage {settings.j} {split}", "img")
-    tasks = [
-        dask.delayed(_write_region)(
-            run, settings, stage, split, features, a, b, batch_size, chunk, bar
+def _write_splits(settings, client, run, url, manifest, missing, lease, fault) -> None:
+    for split, n in manifest["splits"].items():
+        job = _Job(
+            run=run.root,
+            j=manifest["stage"],
+            url=url,
+            split=split,
+            dtype=manifest["dtype"],
+            batch_size=manifest["batch_size"],
+            workers=settings.workers,
+            lease_token=lease.token,
+            fault=fault,
         )
-        for a, b in regions
-    ]
-    results = dask.compute(*tasks, scheduler="synchronous")
-    labels[:] = np.concatenate(results)
-    bar.close()
+        _write_split(settings, client, job, missing[split], manifest["chunk_samples"], n, lease)
 
 
-def _write_region(run, settings, stage, split, features, start, stop, batch_size, chunk, progress):
-    """Compute samples start..stop and write them chunk by chunk; return their labels.
+def _prepare_store(url: str, manifest: dict, settings: CacheSettings) -> dict[str, list[int]]:
+    """Open the store to resume it, or lay it out anew; return each split's unfinished chunks.
 
-    A chunk is compressed and written by a second thread while the next one is computed.
+    A store from the same stage, lineage and layout is resumed: chunks whose record is
+    missing or whose bytes no longer match it are written again. Anything else is replaced.
     """
-    loader = _region_input(run, settings, split, start, stop, batch_size)
-    buffer = np.empty((chunk, *features.shape[1:]), dtype=settings.dtype)
-    labels, filled, offset, pending = [], 0, start, None
+    store = _Store(url)
+    old = read_manifest(url)
+    if isinstance(old, dict) and old.get("format") not in (None, 1, CACHE_FORMAT):
+        raise CacheError(
+            f"{url} holds a cache of format {old.get('format')!r}, which this greedy-cli "
+            f"(format {CACHE_FORMAT}) cannot read or safely replace; remove it first"
+        )
+    chunk = manifest["chunk_samples"]
+    counts = {s: -(-n // chunk) for s, n in manifest["splits"].items()}
+    ndim = 1 + len(manifest["shape"])
+    if isinstance(old, dict) and old.get("id") == manifest["id"]:
+        group = _open_group(url, "r+")
+        # Incomplete from here on, until the commit.
+        group.attrs[MANIFEST_KEY] = {**manifest, "complete": False}
+        missing = {}
+        for split, count in counts.items():
+            missing[split] = []
+            for index in range(count):
+                problem = _chunk_problem(store, split, index, ndim)
+                if problem is not None:
+                    if problem != "unfinished":
+                        log.warning("%s chunk %d: %s; writing it again", split, index, problem)
+                    store.delete(_record_key(split, index))
+                    missing[split].append(index)
+        done = sum(counts.values()) - sum(len(m) for m in missing.values())
+        if done:
+            log.info(
+                "resuming %s: %d of %d chunks already finished", url, done, sum(counts.values())
+            )
+        return missing
+
+    if old is not None:
+        log.info("replacing %s: it was written for other weights, input or layout", url)
+    for key in ("zarr.json", RECORDS, *manifest["splits"], *(old or {}).get("splits", {})):
+        store.delete(key, recursive=True)
+    group = _open_group(url, "a")
+    compressors = _compressors(settings.codec, settings.clevel)
+    for split, n in manifest["splits"].items():
+        group.create_array(
+            f"{split}/features",
+            shape=(n, *manifest["shape"]),
+            chunks=(chunk, *manifest["shape"]),
+            dtype=manifest["dtype"],
+            compressors=compressors,
+            # Never written (non-finite values are refused), so a missing chunk reads as NaN.
+            fill_value=float("nan"),
+            overwrite=True,
+        )
+        group.create_array(
+            f"{split}/labels",
+            shape=(n,),
+            chunks=(chunk,),
+            dtype="int64",
+            fill_value=-1,
+            overwrite=True,
+        )
+    # Written last: a store without it is damaged and is replaced by the next run.
+    group.attrs[MANIFEST_KEY] = manifest
+    return {split: list(range(count)) for split, count in counts.items()}
+
+
+def _chunk_problem(store: _Store, split: str, index: int, ndim: int) -> str | None:
+    """Why chunk ``index`` is not finished: None when its bytes match its record."""
+    raw = store.read(_record_key(split, index))
+    if raw is None:
+        return "unfinished"
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "its record is unreadable"
+    for key, kind in zip(_chunk_keys(split, index, ndim), ("features", "labels"), strict=True):
+        data = store.read(key)
+        if data is None:
+            return f"{key} is missing"
+        if _sha(data) != record.get(kind):
+            return (
+                f"{key} does not match its checksum ({len(data)} bytes, "
+                f"{record.get(kind + '_bytes')} recorded)"
+            )
+    return None
+
+
+def _check_space(url: str, j: int, manifest: dict, missing: dict, sample_bytes: int) -> None:
+    """Log the projected size of each split; refuse when a local filesystem lacks the space."""
+    chunk = manifest["chunk_samples"]
+    needed = 0
+    for split, n in manifest["splits"].items():
+        rows = sum(min(chunk, n - i * chunk) for i in missing[split])
+        total = n * (sample_bytes + 8)
+        needed += rows * (sample_bytes + 8)
+        log.info(
+            "stage %d, split %s: %d samples x %s %s: projected %.1f MB before compression, "
+            "%.1f MB of it still to write",
+            j,
+            split,
+            n,
+            "x".join(map(str, manifest["shape"])),
+            manifest["dtype"],
+            total / 1e6,
+            rows * (sample_bytes + 8) / 1e6,
+        )
+    store = _Store(url)
+    if not store.local:
+        return
+    free = _free_bytes(Path(store.root))
+    if needed > free:
+        raise CacheError(
+            f"stage {j}'s cache needs up to {needed / 1e6:.1f} MB in {url} but its filesystem "
+            f"has {free / 1e6:.1f} MB free; free space, or write the store elsewhere with "
+            "--store URL"
+        )
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _regions(missing: list[int], per_region: int) -> list[list[int]]:
+    """Runs of consecutive unfinished chunks, at most ``per_region`` chunks each."""
+    regions: list[list[int]] = []
+    for index in missing:
+        if regions and regions[-1][-1] == index - 1 and len(regions[-1]) < per_region:
+            regions[-1].append(index)
+        else:
+            regions.append([index])
+    return regions
+
+
+def _write_split(
+    settings, client, job: _Job, missing: list[int], chunk: int, n: int, lease
+) -> None:
+    """Compute and write the unfinished chunks of one split, as regions of whole chunks.
+
+    Regions never share a chunk, so tasks need no lock. Without a cluster they run one
+    after another in this process, with torch using every core.
+    """
+    if not missing:
+        return
+    # On a cluster a region is one task. In this process each run of consecutive chunks
+    # is one region: a new image loader compiles its pipeline again, which costs seconds.
+    per_region = max(1, int(settings.region_mb // settings.chunk_mb)) if client else len(missing)
+    regions = _regions(missing, per_region)
+    rows = sum(min(chunk, n - i * chunk) for i in missing)
+    bar = open_bar(settings.progress, rows, f"cache stage {job.j} {job.split}", "img")
+    try:
+        if client is not None:
+            _write_on_cluster(client, job, regions, bar, lease)
+        else:
+            for region in regions:
+                lease.check()
+                bar.update(_write_region(job, region[0], region[-1] + 1, lease))
+    finally:
+        bar.close()
+
+
+def _check_cluster(settings: CacheSettings, url: str) -> None:
+    if settings.scheduler and settings.dask_workers:
+        raise CacheError("give --scheduler ADDRESS or --dask-workers N, not both")
+    if (settings.scheduler or settings.dask_workers) and url.startswith("memory://"):
+        if settings.scheduler:
+            raise CacheError(
+                f"{url} lives in this process's memory, where the workers of --scheduler "
+                f"{settings.scheduler} cannot write; use a store on a shared filesystem or URL"
+            )
+
+
+@contextlib.contextmanager
+def _cluster(settings: CacheSettings, url: str) -> Iterator:
+    """A dask.distributed client for the run's tasks, or None to run them in this process."""
+    if not (settings.scheduler or settings.dask_workers):
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if settings.scheduler:
+        cluster = None
+        client = Client(settings.scheduler)
+    elif url.startswith("memory://"):
+        # A memory:// store is shared only by workers that are threads of this process.
+        cluster = LocalCluster(
+            n_workers=settings.dask_workers,
+            threads_per_worker=1,
+            processes=False,
+            dashboard_address=None,
+        )
+        client = Client(cluster)
+    else:
+        cluster = LocalCluster(
+            n_workers=settings.dask_workers,
+            threads_per_worker=1,
+            host="127.0.0.1",
+            dashboard_address=None,
+        )
+        client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _write_on_cluster(client, job: _Job, regions: list[list[int]], bar, lease) -> None:
+    from distributed import as_completed
+
+    futures = [
+        client.submit(_write_region, job, r[0], r[-1] + 1, None, pure=False) for r in regions
+    ]
+    for future in as_completed(futures):
+        bar.update(future.result())
+        lease.check()
+
+
+def _write_region(job: _Job, first: int, stop_chunk: int, lease: Lease | None) -> int:
+    """Compute chunks first..stop_chunk-1 of a split and write them; return the row count.
+
+    Each chunk's outputs are computed in batches that start at the chunk's first row, so
+    a chunk's bytes do not depend on where a run started or which task computed it. A
+    second thread compresses and writes a chunk while the next one is computed.
+    """
+    run = Run.open(job.run)
+    stage, _ = run.load_stage(job.j)
+    store = _Store(job.url)
+    group = _open_group(job.url, "r+")
+    features, labels = group[f"{job.split}/features"], group[f"{job.split}/labels"]
+    n, chunk = features.shape[0], features.chunks[0]
+    start, stop = first * chunk, min(stop_chunk * chunk, n)
+    loader = _region_input(run, job, start, stop)
+
+    pending = None
     with ThreadPoolExecutor(max_workers=1) as writer, torch.no_grad():
-        for x, y in loader.epoch(0):
-            out = stage(x).numpy().astype(settings.dtype)
-            _check_finite(out, settings.j, split, offset + filled)
-            labels.append(y.numpy())
-            used = 0
-            while used < len(out):
-                take = min(chunk - filled, len(out) - used)
-                buffer[filled : filled + take] = out[used : used + take]
-                filled, used = filled + take, used + take
-                if filled == chunk or offset + filled == stop:
-                    if pending is not None:
-                        pending.result()
-                    pending = writer.submit(_store, features, offset, buffer[:filled].copy())
-                    offset, filled = offset + filled, 0
-            progress.update(len(y))
+        for index, x, y in _chunks_of(loader, first, chunk, stop):
+            out = torch.cat(
+                [stage(x[i : i + job.batch_size]) for i in range(0, len(x), job.batch_size)]
+            )
+            with np.errstate(over="ignore"):  # an overflow is refused by name just below
+                out = out.numpy().astype(job.dtype)
+            _check_finite(out, job.j, job.split, index * chunk)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(
+                _write_chunk, job, store, features, labels, index, out, y.numpy(), lease
+            )
         if pending is not None:
             pending.result()
-    if offset != stop:
-        raise CacheError(f"split {split}: wrote samples {start}..{offset}, expected up to {stop}")
-    return np.concatenate(labels)
+    return stop - start
 
 
-def _store(features, offset: int, values: np.ndarray) -> None:
-    features[offset : offset + len(values)] = values
+def _chunks_of(loader, first: int, chunk: int, stop: int) -> Iterator[tuple]:
+    """The loader's samples regrouped as whole chunks: (chunk index, inputs, labels)."""
+    xs, ys, held, index = [], [], 0, first
+    for x, y in loader.epoch(0):
+        xs.append(x)
+        ys.append(y)
+        held += len(y)
+        while index * chunk < stop and held >= min(chunk, stop - index * chunk):
+            x_all, y_all = torch.cat(xs), torch.cat(ys)
+            take = min(chunk, stop - index * chunk)
+            yield index, x_all[:take], y_all[:take]
+            xs, ys, held, index = [x_all[take:]], [y_all[take:]], held - take, index + 1
+    if held or index * chunk < stop:
+        raise CacheError(
+            f"the input of rows {first * chunk}..{stop} gave {index * chunk + held - first * chunk}"
+            " samples; the prepared dataset or the cache below is damaged"
+        )
 
 
-def _region_input(
-    run: Run, settings: CacheSettings, split: str, start: int, stop: int, batch_size: int
-):
-    if settings.j == 0:
+def _write_chunk(job: _Job, store: _Store, features, labels, index, out, y, lease) -> None:
+    """Write one chunk, then its record: the record is what makes it finished."""
+    if lease is not None:
+        lease.check()
+    elif (json.loads(store.read(LEASE_KEY) or b"{}")).get("token") != job.lease_token:
+        raise CacheError(
+            f"the lease on {job.url} is no longer held by the run that started this task; "
+            "the task stops without writing"
+        )
+    chunk = features.chunks[0]
+    a = index * chunk
+    feature_key, label_key = _chunk_keys(job.split, index, features.ndim)
+
+    _fault(job, index, "before")
+    features[a : a + len(out)] = out
+    labels[a : a + len(out)] = y
+    _fault(job, index, "mid", store, feature_key)
+    _fault(job, index, "after")
+
+    feature_bytes, label_bytes = store.read(feature_key), store.read(label_key)
+    record = {
+        "rows": [a, a + len(out)],
+        "features": _sha(feature_bytes),
+        "features_bytes": len(feature_bytes or b""),
+        "labels": _sha(label_bytes),
+        "labels_bytes": len(label_bytes or b""),
+    }
+    store.write(_record_key(job.split, index), json.dumps(record).encode())
+
+
+def _commit(url: str, manifest: dict, seconds: float) -> dict:
+    """Mark the store complete once every chunk has its record; the last write of a run."""
+    store = _Store(url)
+    chunk = manifest["chunk_samples"]
+    digest = hashlib.sha256()
+    for split, n in manifest["splits"].items():
+        for index in range(-(-n // chunk)):
+            raw = store.read(_record_key(split, index))
+            if raw is None:
+                raise CacheError(
+                    f"{url}: chunk {index} of {split} has no record after writing; the store "
+                    "stays incomplete. Run cache-features again to finish it"
+                )
+            digest.update(raw)
+    group = _open_group(url, "r+")
+    manifest = {**manifest, "complete": True, "seconds": seconds, "records": digest.hexdigest()}
+    group.attrs[MANIFEST_KEY] = manifest
+    return manifest
+
+
+def _region_input(run: Run, job: _Job, start: int, stop: int):
+    if job.j == 0:
         return ImageLoader(
             run.data,
-            split,
-            batch_size,
+            job.split,
+            job.batch_size,
             run.arch.input_shape,
             indices=np.arange(start, stop),
-            workers=settings.workers,
+            workers=job.workers,
         )
-    features, labels, _ = open_features(run, settings.j - 1, split)
+    features, labels, _ = open_features(run, job.j - 1, job.split)
+    # Streamed chunk by chunk, in order, by the loader's read-ahead thread.
     return FeatureLoader(
         _Rows(features, start, stop),
         labels[start:stop],
-        batch_size,
-        name=str(run.features_path(settings.j - 1)),
+        job.batch_size,
+        name=store_url(run, job.j - 1),
+        memory_budget=0,
     )
 
 
@@ -366,5 +930,111 @@ def _check_finite(out: np.ndarray, j: int, split: str, first: int) -> None:
         sample = first + int(np.flatnonzero(bad)[0])
         raise CacheError(
             f"stage {j} produced a non-finite value for {split} sample {sample} "
-            f"(after the cast to the storage dtype); nothing further was written"
+            f"(after the cast to {out.dtype}); nothing of it was written. A float16 overflow "
+            "needs --dtype float32; a NaN means the stage's weights are damaged"
         )
+
+
+# -- verification ----------------------------------------------------------------
+
+
+def verify_cache(settings: VerifySettings) -> dict:
+    """Check every chunk of stage j's store against its record and recompute a random
+    sample of rows from the stage's input; record the outcome in the manifest as
+    ``verified`` and return it. A failure raises CacheError after it is recorded."""
+    run = Run.open(settings.run)
+    j = settings.j
+    run.check_stage_index(j)
+    url = store_url(run, j)
+    state = cache_state(run, j)
+    if state != "current":
+        raise CacheError(
+            f"the cache {url} is {state}, so there is nothing to verify; run "
+            f"`greedy-cli cache-features --run {run.root} --j {j}` first"
+        )
+    stage, _ = run.load_stage(j)
+    batch_size = settings.batch_size or run.arch.training.batch_size
+    seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(4), "big")
+    rng = np.random.default_rng(seed)
+
+    with Lease(url):
+        store = _Store(url)
+        manifest = read_manifest(url)
+        chunk, ndim = manifest["chunk_samples"], 1 + len(manifest["shape"])
+        bad_chunks, bad_rows, chunks_checked, rows_checked = [], [], 0, 0
+        for split, n in manifest["splits"].items():
+            for index in range(-(-n // chunk)):
+                problem = _chunk_problem(store, split, index, ndim)
+                chunks_checked += 1
+                if problem is not None:
+                    bad_chunks.append(f"{split} chunk {index}: {problem}")
+            if bad_chunks:
+                continue
+            rows = np.sort(rng.choice(n, size=min(settings.rows, n), replace=False))
+            features, labels, _ = open_features(run, j, split)
+            stored = features.get_orthogonal_selection((rows,)).astype(np.float64)
+            exact = _recompute(run, j, stage, split, rows, batch_size, settings.workers)
+            bad_rows += [
+                f"{split} row {r}" for r in rows[~_within_rounding(stored, exact, features.dtype)]
+            ]
+            rows_checked += len(rows)
+
+        ok = not bad_chunks and not bad_rows
+        verified = {
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "ok": ok,
+            "rows_checked": rows_checked,
+            "chunks_checked": chunks_checked,
+            "seed": seed,
+            "problems": (bad_chunks + bad_rows)[:20],
+        }
+        group = _open_group(url, "r+")
+        manifest = {**group.attrs[MANIFEST_KEY], "verified": verified}
+        if bad_chunks:
+            # The damaged chunks are rewritten by the next cache-features.
+            manifest["complete"] = False
+        group.attrs[MANIFEST_KEY] = manifest
+
+    redo = f"`greedy-cli cache-features --run {run.root} --j {j}`"
+    if bad_chunks:
+        raise CacheError(
+            f"{url}: {len(bad_chunks)} damaged chunk(s): {'; '.join(bad_chunks[:5])}. The store "
+            f"is marked incomplete; run {redo} to write them again"
+        )
+    if bad_rows:
+        raise CacheError(
+            f"{url}: {len(bad_rows)} of {rows_checked} recomputed rows differ from the store "
+            f"beyond {features.dtype} rounding ({', '.join(bad_rows[:5])}): the store was "
+            f"written wrong. Remove it and run {redo}"
+        )
+    return verified
+
+
+def _recompute(run, j, stage, split, rows, batch_size, workers) -> np.ndarray:
+    """Stage j's float32 outputs for ``rows`` of ``split``, from the stage's input."""
+    if j == 0:
+        loader = ImageLoader(
+            run.data, split, batch_size, run.arch.input_shape, indices=rows, workers=workers
+        )
+        inputs = (x for x, _ in loader.epoch(0))
+    else:
+        below, _, _ = open_features(run, j - 1, split)
+        x_all = below.get_orthogonal_selection((rows,)).astype(np.float32)
+        inputs = (
+            torch.from_numpy(x_all[i : i + batch_size]) for i in range(0, len(rows), batch_size)
+        )
+    with torch.no_grad():
+        return torch.cat([stage(x) for x in inputs]).numpy().astype(np.float64)
+
+
+def _within_rounding(stored: np.ndarray, exact: np.ndarray, dtype) -> np.ndarray:
+    """Per row: every value within one step of the storage dtype at its magnitude, plus a
+    float32 allowance for batch-dependent summation order."""
+    if np.dtype(dtype) == np.float16:
+        step = np.maximum(np.abs(exact) * 2.0**-10, 2.0**-24)
+    else:
+        step = np.abs(exact) * 2.0**-23
+    scale = np.abs(exact).reshape(len(exact), -1).max(axis=1)
+    slack = step + 1e-5 * scale.reshape(-1, *([1] * (exact.ndim - 1)))
+    err = np.abs(stored - exact)
+    return (err <= slack).reshape(len(exact), -1).all(axis=1)

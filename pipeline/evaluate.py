@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache import cache_ids, cache_state, open_features, read_manifest
+from pipeline.cache import cache_ids, cache_state, open_features, read_manifest, store_url
 from pipeline.errors import CacheError, RunStateError
 from pipeline.loaders import FeatureLoader, ImageLoader
 from pipeline.progress import BarFactory, open_bar
@@ -124,7 +124,7 @@ def _stage_from_cache(run: Run, j: int, modules, split: str, settings: EvalSetti
 
 def _times(run: Run, j: int) -> dict:
     record = run.record(j) or {}
-    manifest = read_manifest(run.features_path(j)) or {}
+    manifest = read_manifest(store_url(run, j)) or {}
     return {"train_seconds": record.get("seconds"), "cache_seconds": manifest.get("seconds")}
 
 

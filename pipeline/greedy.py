@@ -5,7 +5,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cache import CacheSettings, cache_features, cache_ids, cache_state, read_manifest
+from pipeline.cache import (
+    CacheSettings,
+    cache_features,
+    cache_ids,
+    cache_state,
+    read_manifest,
+    store_url,
+)
 from pipeline.evaluate import EvalSettings, evaluate
 from pipeline.progress import BarFactory
 from pipeline.rundir import Run
@@ -49,7 +56,7 @@ def run_greedy(settings: RunSettings) -> dict:
         # The last stage's features feed nothing but eval, which reads the one below.
         if j == last or settings.source == "recompute":
             continue
-        manifest = read_manifest(run.features_path(j)) or {}
+        manifest = read_manifest(store_url(run, j)) or {}
         if cache_state(run, j) == "current" and manifest.get("dtype") == settings.dtype:
             log.info("stage %d features are cached and current; skipping", j)
         else:

@@ -11,7 +11,7 @@ from pipeline.rundir import Run, read_json
 class StageStatus:
     j: int
     trained: str  # "current", "stale" or "missing"
-    cache: str  # cache_state(): "current", "stale", "incomplete", "damaged" or "missing"
+    cache: str  # a cache_state() value
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,18 @@ workers_option = click.option(
 threads_option = click.option(
     "--threads", default=None, type=click.IntRange(1), help="Torch threads [default: all cores]."
 )
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Training arithmetic: float32, or mixed precision with bfloat16 or float16.",
+)
+deterministic_option = click.option(
+    "--deterministic",
+    is_flag=True,
+    help="Refuse non-deterministic kernels so that repeated runs are bitwise equal.",
+)
 
 
 @main.command()
@@ -211,12 +223,41 @@ def _run_options(f):
     default=None,
     help="Train exactly N steps instead of the epochs (schedule scaled to N).",
 )
+@click.option("--resume", is_flag=True, help="Continue from the newest good checkpoint.")
+@click.option("--restart", is_flag=True, help="Discard the stage's checkpoints and start over.")
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(1),
+    default=1000,
+    show_default=True,
+    help="Steps between checkpoints (one is also written at every epoch end).",
+)
+@precision_option
+@deterministic_option
 @workers_option
 @threads_option
-def train_layer_cmd(run_dir, j, preset, data, seed, source, epochs, steps, workers, threads):
+def train_layer_cmd(
+    run_dir,
+    j,
+    preset,
+    data,
+    seed,
+    source,
+    epochs,
+    steps,
+    resume,
+    restart,
+    checkpoint_every,
+    precision,
+    deterministic,
+    workers,
+    threads,
+):
     """Train stage J and its auxiliary head, stages 0..J-1 frozen."""
     from pipeline.train import TrainSettings, train_layer
 
+    if resume and restart:
+        raise click.BadParameter("give --resume or --restart, not both", param_hint="--resume")
     _set_threads(threads)
     result = train_layer(
         TrainSettings(
@@ -228,6 +269,11 @@ def train_layer_cmd(run_dir, j, preset, data, seed, source, epochs, steps, worke
             source=source,
             epochs=epochs,
             max_steps=steps,
+            resume=resume,
+            restart=restart,
+            checkpoint_every=checkpoint_every,
+            precision=precision,
+            deterministic=deterministic,
             workers=workers,
             progress=_bar,
         )

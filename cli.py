@@ -381,14 +381,20 @@ def run_cmd(preset, data, run_dir, seed, source, dtype, workers, threads):
 @main.command("status")
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
 def status_cmd(run_dir):
-    """Which stages are trained, cached and current, and the next command to run."""
+    """Which stages are trained, cached, verified, current or stale; the next command."""
     from pipeline.status import run_status
 
     status = run_status(run_dir)
-    header = ("stage", "trained", "cache")
+    header = ("stage", "trained", "cache", "checked", "checkpoint")
     last = len(status.stages) - 1
     rows = [
-        (str(s.j), s.trained, "not needed" if s.j == last and s.cache == "missing" else s.cache)
+        (
+            str(s.j),
+            s.trained,
+            "not needed" if s.j == last and s.cache == "missing" else s.cache,
+            s.verified,
+            s.checkpoint,
+        )
         for s in status.stages
     ]
     click.echo(f"{status.arch} in {status.run}")

@@ -3,7 +3,7 @@
 Layout of ``RUN/stage_<j>/checkpoints/``::
 
     step_<step>.pt      torch file: weights, optimizer, scaler, random states, data position
-    step_<step>.json    format, step, epoch, byte count and sha256 of the .pt file
+    step_<step>.json    format, step, epoch, total steps, byte count and sha256 of the .pt
 
 Each file is written to a temporary name, flushed to disk and renamed; the .json is
 written after its .pt, so a checkpoint without a matching .json is incomplete. The two
@@ -80,6 +80,7 @@ def save_checkpoint(folder: Path, state: dict) -> Path:
         "format": CHECKPOINT_FORMAT,
         "step": state["step"],
         "epoch": state["epoch"],
+        "total_steps": state.get("schedule", {}).get("total_steps"),
         "bytes": len(payload),
         "sha256": hashlib.sha256(payload).hexdigest(),
     }

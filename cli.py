@@ -356,10 +356,13 @@ def eval_cmd(run_dir, split, workers, threads):
     show_default=True,
     help="Storage dtype of the feature caches.",
 )
+@precision_option
+@deterministic_option
 @workers_option
 @threads_option
-def run_cmd(preset, data, run_dir, seed, source, dtype, workers, threads):
-    """Train, cache and evaluate every stage of PRESET, skipping what is current."""
+def run_cmd(preset, data, run_dir, seed, source, dtype, precision, deterministic, workers, threads):
+    """Train, cache and evaluate every stage of PRESET, skipping what is current;
+    a stage whose training was stopped resumes from its newest good checkpoint."""
     from pipeline.greedy import RunSettings, run_greedy
 
     _set_threads(threads)
@@ -371,6 +374,8 @@ def run_cmd(preset, data, run_dir, seed, source, dtype, workers, threads):
             seed=seed,
             source=source,
             dtype=dtype,
+            precision=precision,
+            deterministic=deterministic,
             workers=workers,
             progress=_bar,
         )

@@ -1,0 +1,165 @@
+"""--deterministic, frozen stages under every mode, --precision and non-finite stops."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline import checkpoints
+from pipeline.loaders import epoch_permutation
+from pipeline.rundir import Run, state_hash
+from pipeline.train import order_seed
+from tests.test_cli import invoke, new_run, ok, refused
+
+
+def stage_state(run: Path, j: int) -> tuple[str, str, bytes]:
+    """Hashes of stage j's and its head's whole state as loaded, and its file's bytes."""
+    stage, head = Run.open(run).load_stage(j)
+    return state_hash(stage), state_hash(head), (run / f"stage_{j}" / "weights.pt").read_bytes()
+
+
+def test_deterministic_runs_with_several_workers_are_bitwise_equal(tmp_path, tiny_data, tiny_arch):
+    hashes = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        # FFCV allows at most one loader thread per core: 2 here.
+        workers = min(os.cpu_count(), 4)
+        args = new_run(run, 0, tiny_arch, tiny_data, "--steps", 50, "--workers", workers)
+        out = ok(*args, "--deterministic").output
+        assert "deterministic: non-deterministic torch kernels refused" in out
+        record = json.loads((run / "stage_0" / "record.json").read_text())
+        assert record["deterministic"] is True and record["steps"] == 50
+        hashes.append((record["stage_hash"], record["head_hash"], record["final_train_loss"]))
+    assert hashes[0] == hashes[1]
+    assert not torch.are_deterministic_algorithms_enabled(), "the global setting is restored"
+
+
+def test_run_without_deterministic_says_so(tmp_path, tiny_data, tiny_arch):
+    out = ok(*new_run(tmp_path / "r", 0, tiny_arch, tiny_data, "--steps", 2)).output
+    assert "not deterministic" in out and "--deterministic" in out
+
+
+@pytest.fixture(scope="module")
+def two_stages(tmp_path_factory, tiny_data) -> Path:
+    """Stages 0 and 1 (both with batch norm) trained and cached in float32."""
+    from tests.conftest import TINY_ARCH
+
+    root = tmp_path_factory.mktemp("two-stages")
+    arch = root / "tiny.json"
+    arch.write_text(json.dumps(TINY_ARCH))
+    run = root / "run"
+    ok(*new_run(run, 0, arch, tiny_data))
+    ok("cache-features", "--run", run, "--j", 0, "--dtype", "float32")
+    ok("train-layer", "--run", run, "--j", 1)
+    ok("cache-features", "--run", run, "--j", 1, "--dtype", "float32")
+    return run
+
+
+@pytest.mark.parametrize(
+    "source, precision",
+    [("recompute", "fp32"), ("recompute", "bf16"), ("recompute", "fp16"), ("cache", "bf16")],
+)
+def test_frozen_stages_do_not_move(two_stages, source, precision):
+    arch = json.loads((two_stages / "arch.json").read_text())
+    assert arch["stages"][0]["batch_norm"] and arch["stages"][1]["batch_norm"]
+    before = [stage_state(two_stages, i) for i in (0, 1)]
+
+    ok(
+        "train-layer",
+        "--run",
+        two_stages,
+        "--j",
+        2,
+        "--source",
+        source,
+        "--precision",
+        precision,
+        "--steps",
+        20,
+        "--checkpoint-every",
+        5,
+    )
+    assert [stage_state(two_stages, i) for i in (0, 1)] == before
+    record = json.loads((two_stages / "stage_2" / "record.json").read_text())
+    assert record["precision"] == precision and record["source"] == source
+
+
+def overflowing_rows(n: int, seed: int, first_batch: int, batch_size: int) -> np.ndarray:
+    """Rows of the training split that stage 1 sees from batch ``first_batch`` of epoch 0."""
+    order = epoch_permutation(n, order_seed(seed, 1), 0)
+    return np.sort(order[first_batch * batch_size :])
+
+
+def test_fp16_overflow_stops_within_one_step(tmp_path, tiny_data, tiny_arch):
+    run = tmp_path / "run"
+    ok(*new_run(run, 0, tiny_arch, tiny_data))
+    ok("cache-features", "--run", run, "--j", 0, "--dtype", "float32")
+
+    # Scale stage 1's inputs from its 9th batch on far past float16's largest value (65504).
+    features = zarr.open_group(str(run / "features" / "stage_0.zarr"), mode="r+")["train/features"]
+    original = features[:]
+    scaled = original.copy()
+    rows = overflowing_rows(len(original), 0, 8, 32)
+    scaled[rows] *= 1e6
+    assert np.isfinite(scaled).all() and scaled.max() > 65504
+    features[:] = scaled
+
+    out = refused(
+        "train-layer",
+        "--run",
+        run,
+        "--j",
+        1,
+        "--precision",
+        "fp16",
+        "--checkpoint-every",
+        4,
+        match="stage 1, epoch 1, step 9: the loss is nan (fp16)",
+    ).output
+    folder = run / "stage_1" / "checkpoints"
+    assert f"the last good checkpoint is in {folder}" in out
+    assert not (run / "stage_1" / "record.json").exists()
+
+    # The last checkpoint, written after step 8, loads and holds finite weights.
+    state, path = checkpoints.load_newest(folder)
+    assert state["step"] == 8 and path.name == "step_000000008.pt"
+    stage, head = Run.open(run).build_stage(1)
+    stage.load_state_dict(state["stage"])
+    head.load_state_dict(state["head"])
+    assert all(torch.isfinite(t).all() for t in (*stage.state_dict().values(),))
+    assert state["scaler"]["scale"] > 0
+
+    # With the inputs repaired, the stopped training continues from that checkpoint.
+    features[:] = original
+    out = ok("train-layer", "--run", run, "--j", 1, "--precision", "fp16", "--resume").output
+    assert "resuming stage 1" in out
+    assert json.loads((run / "stage_1" / "record.json").read_text())["resumed_from_steps"] == [8]
+
+
+def test_bf16_takes_the_same_inputs_in_its_stride(tmp_path, tiny_data, tiny_arch):
+    """bfloat16 has float32's range: inputs that overflow float16 train without a stop."""
+    run = tmp_path / "run"
+    ok(*new_run(run, 0, tiny_arch, tiny_data))
+    ok("cache-features", "--run", run, "--j", 0, "--dtype", "float32")
+    features = zarr.open_group(str(run / "features" / "stage_0.zarr"), mode="r+")["train/features"]
+    scaled = features[:]
+    scaled[overflowing_rows(len(scaled), 0, 8, 32)] *= 1e6
+    features[:] = scaled
+    ok("train-layer", "--run", run, "--j", 1, "--precision", "bf16", "--steps", 12)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--precision", "fp8"), "'fp8' is not one of 'fp32', 'bf16', 'fp16'"),
+        (("--resume", "--restart"), "give --resume or --restart, not both"),
+    ],
+)
+def test_train_options_are_checked(tmp_path, tiny_data, tiny_arch, extra, message):
+    result = invoke(*new_run(tmp_path / "r", 0, tiny_arch, tiny_data, *extra))
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "r").exists()

@@ -61,7 +61,7 @@ def two_stages(tmp_path_factory, tiny_data) -> Path:
 
 @pytest.mark.parametrize(
     "source, precision",
-    [("recompute", "fp32"), ("recompute", "bf16"), ("recompute", "fp16"), ("cache", "bf16")],
+    [("recompute", "fp32"), ("recompute", "fp16"), ("cache", "bf16")],
 )
 def test_frozen_stages_do_not_move(two_stages, source, precision):
     arch = json.loads((two_stages / "arch.json").read_text())
@@ -79,9 +79,9 @@ def test_frozen_stages_do_not_move(two_stages, source, precision):
         "--precision",
         precision,
         "--steps",
-        20,
+        8,
         "--checkpoint-every",
-        5,
+        4,
     )
     assert [stage_state(two_stages, i) for i in (0, 1)] == before
     record = json.loads((two_stages / "stage_2" / "record.json").read_text())
@@ -108,6 +108,9 @@ def test_fp16_overflow_stops_within_one_step(tmp_path, tiny_data, tiny_arch):
     assert np.isfinite(scaled).all() and scaled.max() > 65504
     features[:] = scaled
 
+    # bfloat16 has float32's range: the same inputs train without a stop.
+    ok("train-layer", "--run", run, "--j", 1, "--precision", "bf16", "--steps", 12)
+
     out = refused(
         "train-layer",
         "--run",
@@ -122,7 +125,8 @@ def test_fp16_overflow_stops_within_one_step(tmp_path, tiny_data, tiny_arch):
     ).output
     folder = run / "stage_1" / "checkpoints"
     assert f"the last good checkpoint is in {folder}" in out
-    assert not (run / "stage_1" / "record.json").exists()
+    record = json.loads((run / "stage_1" / "record.json").read_text())
+    assert record["precision"] == "bf16", "the stopped run left the trained stage alone"
 
     # The last checkpoint, written after step 8, loads and holds finite weights.
     state, path = checkpoints.load_newest(folder)
@@ -138,18 +142,6 @@ def test_fp16_overflow_stops_within_one_step(tmp_path, tiny_data, tiny_arch):
     out = ok("train-layer", "--run", run, "--j", 1, "--precision", "fp16", "--resume").output
     assert "resuming stage 1" in out
     assert json.loads((run / "stage_1" / "record.json").read_text())["resumed_from_steps"] == [8]
-
-
-def test_bf16_takes_the_same_inputs_in_its_stride(tmp_path, tiny_data, tiny_arch):
-    """bfloat16 has float32's range: inputs that overflow float16 train without a stop."""
-    run = tmp_path / "run"
-    ok(*new_run(run, 0, tiny_arch, tiny_data))
-    ok("cache-features", "--run", run, "--j", 0, "--dtype", "float32")
-    features = zarr.open_group(str(run / "features" / "stage_0.zarr"), mode="r+")["train/features"]
-    scaled = features[:]
-    scaled[overflowing_rows(len(scaled), 0, 8, 32)] *= 1e6
-    features[:] = scaled
-    ok("train-layer", "--run", run, "--j", 1, "--precision", "bf16", "--steps", 12)
 
 
 @pytest.mark.parametrize(

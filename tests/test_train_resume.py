@@ -54,12 +54,6 @@ def epoch_metrics(run: Path, j: int) -> list[tuple]:
     ]
 
 
-def start_run(run: Path, arch: Path, data: Path) -> None:
-    """Stage 0 trained for one epoch and cached in float32: the input of stage 1."""
-    ok(*new_run(run, 0, arch, data))
-    ok("cache-features", "--run", run, "--j", 0, "--dtype", "float32")
-
-
 @pytest.fixture(scope="module")
 def arch_file(tmp_path_factory) -> Path:
     from tests.conftest import TINY_ARCH
@@ -69,12 +63,16 @@ def arch_file(tmp_path_factory) -> Path:
     return path
 
 
+def first_stage(run: Path, arch: Path, data: Path) -> tuple:
+    """Arguments that train stage 0 of a new run as the reference does."""
+    return new_run(run, 0, arch, data, "--epochs", EPOCHS, "--checkpoint-every", EVERY)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_data, arch_file) -> Path:
     """Stages 0 and 1 trained for two epochs each without a stop."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    start_run(run, arch_file, tiny_data)
-    ok(*train_args(run, 0, "--restart"))
+    ok(*first_stage(run, arch_file, tiny_data))
     ok("cache-features", "--run", run, "--j", 0, "--dtype", "float32")
     ok(*train_args(run, 1))
     return run
@@ -86,13 +84,12 @@ def stopped(tmp_path, tiny_data, arch_file, monkeypatch):
 
     def make(j: int) -> Path:
         run = tmp_path / f"run{j}"
-        start_run(run, arch_file, tiny_data)
+        first = first_stage(run, arch_file, tiny_data)
         if j == 1:
-            ok(*train_args(run, 0, "--restart"))
+            ok(*first)
             ok("cache-features", "--run", run, "--j", 0, "--dtype", "float32")
         monkeypatch.setenv(STOP_AT_STEP_ENV, str(STOP))
-        args = train_args(run, j, "--restart") if j == 0 else train_args(run, j)
-        refused(*args, match=f"stopped before step {STOP + 1}")
+        refused(*(first if j == 0 else train_args(run, j)), match=f"stopped before step {STOP + 1}")
         monkeypatch.delenv(STOP_AT_STEP_ENV)
         return run
 
@@ -125,21 +122,11 @@ def test_truncated_newest_checkpoint_falls_back(stopped, reference):
     assert_bitwise_equal(weights(run, 0), weights(reference, 0))
 
 
-def test_checkpoints_without_resume_are_refused(stopped):
+def test_checkpoints_need_resume_or_restart(stopped, reference):
     run = stopped(0)
-    refused(
-        "train-layer",
-        "--run",
-        run,
-        "--j",
-        0,
-        match="stage 0 has checkpoints up to step 24",
-    )
+    refused(*train_args(run, 0), match="stage 0 has checkpoints up to step 24")
     refused(*train_args(run, 0, "--resume", "--steps", 40), match="total_steps")
 
-
-def test_restart_discards_checkpoints(stopped, reference):
-    run = stopped(0)
     ok(*train_args(run, 0, "--restart"))
     assert_bitwise_equal(weights(run, 0), weights(reference, 0))
 

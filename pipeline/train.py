@@ -351,14 +351,13 @@ def _optimizer_step(optimizer, scaler, loss, params, progress, settings, where) 
     optimizer.zero_grad(set_to_none=True)
     if not scaler.is_enabled():
         loss.backward()
-        norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None])
-        )
-        if not torch.isfinite(norm):
+        grads = [p.grad for p in params if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads])
+        if not finite.all():
             raise DivergedError(
-                f"{where}: the gradients are non-finite (norm {norm.item()}, "
-                f"{settings.precision}); the last good checkpoint is kept. Lower the learning "
-                "rate in the architecture's training settings"
+                f"{where}: {int((~finite).sum())} of {len(grads)} gradient tensors hold "
+                f"non-finite values ({settings.precision}); the last good checkpoint is kept. "
+                "Lower the learning rate in the architecture's training settings"
             )
         optimizer.step()
         return

@@ -12,7 +12,7 @@ import zarr
 from pipeline import checkpoints
 from pipeline.loaders import epoch_permutation
 from pipeline.rundir import Run, state_hash
-from pipeline.train import order_seed
+from pipeline.train import DivergedError, order_seed
 from tests.test_cli import invoke, new_run, ok, refused
 
 
@@ -155,3 +155,48 @@ def test_train_options_are_checked(tmp_path, tiny_data, tiny_arch, extra, messag
     result = invoke(*new_run(tmp_path / "r", 0, tiny_arch, tiny_data, *extra))
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "r").exists()
+
+
+def one_parameter_step(precision: str, loss_fn, steps: int, max_skipped: int = 3):
+    """Run ``steps`` updates of one parameter tensor through train's optimizer step."""
+    from pipeline.train import TrainSettings, _optimizer_step, _Progress
+
+    weight = torch.nn.Parameter(torch.full((4,), 0.5))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+    settings = TrainSettings(run=Path("."), j=0, precision=precision, max_skipped_steps=max_skipped)
+    progress = _Progress()
+    for step in range(steps):
+        loss = loss_fn(weight)
+        assert torch.isfinite(loss)
+        _optimizer_step(optimizer, scaler, loss, [weight], progress, settings, f"step {step + 1}")
+    return weight, progress, scaler
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_non_finite_gradients_stop_the_run(precision):
+    # A finite loss whose gradient is not: d/dw sqrt(|w - w|) at 0.
+    def loss_fn(w):
+        return torch.sqrt((w - w.detach()).abs()).sum()
+
+    with pytest.raises(DivergedError, match=r"step 1: 1 of 1 gradient tensors hold non-finite"):
+        one_parameter_step(precision, loss_fn, 1)
+
+
+def test_fp16_scaler_skipping_in_a_row_stops_the_run():
+    # Finite loss, but scaled by 65536 its gradient overflows float32: every step is skipped.
+    def loss_fn(w):
+        return w.sum() * 1e35
+
+    with pytest.raises(DivergedError, match=r"step 3: the fp16 gradient scaler skipped 3 steps"):
+        one_parameter_step("fp16", loss_fn, 10)
+
+
+def test_fp16_scaler_recovers_from_a_few_skips():
+    # Scaled gradients overflow until the scale has dropped below ~300: 8 skips, then steps.
+    def loss_fn(w):
+        return w.clamp(-1, 1).sum() * 1e36
+
+    weight, progress, scaler = one_parameter_step("fp16", loss_fn, 12, max_skipped=20)
+    assert scaler.get_scale() == 65536 / 2**8 and progress.skipped_in_a_row == 0
+    assert not torch.equal(weight, torch.full((4,), 0.5)), "later steps were taken"

@@ -200,3 +200,19 @@ def test_fp16_scaler_recovers_from_a_few_skips():
     weight, progress, scaler = one_parameter_step("fp16", loss_fn, 12, max_skipped=20)
     assert scaler.get_scale() == 65536 / 2**8 and progress.skipped_in_a_row == 0
     assert not torch.equal(weight, torch.full((4,), 0.5)), "later steps were taken"
+
+
+def test_run_metadata(two_stages):
+    record = json.loads((two_stages / "stage_1" / "record.json").read_text())
+    env = record["environment"]
+    assert env["versions"]["torch"] == torch.__version__ and env["cpus"] == os.cpu_count()
+    assert {"git_commit", "git_uncommitted_changes", "cpu", "gpus", "torch_threads"} <= set(env)
+    assert record["settings"]["precision"] == "fp32" and record["settings"]["checkpoint_every"]
+    assert record["training"]["batch_size"] == 32 and record["lineage"][0]
+
+    entries = [json.loads(x) for x in (two_stages / "metrics.jsonl").read_text().splitlines()]
+    started = [e for e in entries if e["event"] == "train_started" and e["stage"] == 1]
+    assert started[0]["settings"]["source"] == "cache" and started[0]["environment"]["versions"]
+    epoch = next(e for e in entries if e["event"] == "epoch" and e["stage"] == 1)
+    assert {"loss", "accuracy", "lr", "samples_per_s", "data_wait_share"} <= set(epoch)
+    assert epoch["samples_per_s"] > 0 and 0 <= epoch["data_wait_share"] <= 1

@@ -334,6 +334,8 @@ def _train(run: Run, j: int, settings: TrainSettings, spec, epochs: int, folder:
         },
     )
     checkpoints.remove_checkpoints(folder)
+    with contextlib.suppress(OSError):  # kept when it holds checkpoints set aside as damaged
+        folder.rmdir()
     run.log_metrics({"event": "stage_trained", "stage": j, "seconds": record["seconds"]})
     return TrainResult(record=record, losses=progress.losses)
 
@@ -505,7 +507,8 @@ def _cpu_flags() -> set[str]:
 
 
 def _warn_precision_hardware(precision: str) -> None:
-    """Say when this CPU has no native instructions for the chosen precision."""
+    """Say when this CPU has no native instructions for the chosen precision, and that
+    torch's float16 kernels on CPU are slow even where it has them."""
     native = {"bf16": {"avx512_bf16", "amx_bf16"}, "fp16": {"avx512_fp16", "amx_fp16"}}
     if precision not in native:
         return
@@ -516,6 +519,12 @@ def _warn_precision_hardware(precision: str) -> None:
             precision,
             sorted(native[precision]),
             precision,
+        )
+    if precision == "fp16":
+        log.warning(
+            "fp16 on CPU: torch %s trains correctly but far slower than fp32 (measured in "
+            "docs/training.md); fp16 is meant for GPUs, use bf16 or fp32 on CPU",
+            torch.__version__,
         )
 
 

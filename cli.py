@@ -61,9 +61,9 @@ threads_option = click.option(
 precision_option = click.option(
     "--precision",
     type=click.Choice(["fp32", "bf16", "fp16"]),
-    default="fp32",
-    show_default=True,
-    help="Training arithmetic: float32, or mixed precision with bfloat16 or float16.",
+    default=None,
+    help="Training arithmetic: float32, or mixed precision with bfloat16 or float16 "
+    "[default: fp32, or a resumed checkpoint's].",
 )
 deterministic_option = click.option(
     "--deterministic",
@@ -206,10 +206,9 @@ def _run_options(f):
 @click.option(
     "--source",
     type=click.Choice(["cache", "recompute"]),
-    default="cache",
-    show_default=True,
+    default=None,
     help="Stage j's input: stage j-1's cached features, or the frozen stages "
-    "recomputed on every batch of images.",
+    "recomputed on every batch of images [default: cache, or a resumed checkpoint's].",
 )
 @click.option(
     "--epochs",

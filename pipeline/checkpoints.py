@@ -3,7 +3,8 @@
 Layout of ``RUN/stage_<j>/checkpoints/``::
 
     step_<step>.pt      torch file: weights, optimizer, scaler, random states, data position
-    step_<step>.json    format, step, epoch, total steps, byte count and sha256 of the .pt
+    step_<step>.json    format, step, epoch, total steps, the options the training was
+                        started with, byte count and sha256 of the .pt
 
 Each file is written to a temporary name, flushed to disk and renamed; the .json is
 written after its .pt, so a checkpoint without a matching .json is incomplete. The two
@@ -81,6 +82,7 @@ def save_checkpoint(folder: Path, state: dict) -> Path:
         "step": state["step"],
         "epoch": state["epoch"],
         "total_steps": state.get("schedule", {}).get("total_steps"),
+        "requested": state.get("requested", {}),
         "bytes": len(payload),
         "sha256": hashlib.sha256(payload).hexdigest(),
     }

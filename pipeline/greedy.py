@@ -31,7 +31,7 @@ class RunSettings:
     dtype: str = "float16"
     workers: int = 2
     memory_budget: int = 8 << 30
-    precision: str = "fp32"
+    precision: str | None = None  # fp32, or a stopped stage's own on resume
     deterministic: bool = False
     checkpoint_every: int = 1000
     progress: BarFactory | None = None

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 
@@ -42,7 +42,7 @@ class TrainSettings:
     preset: str | None = None
     data: Path | None = None
     seed: int | None = None
-    source: str = "cache"
+    source: str | None = None  # "cache" unless a resumed checkpoint says otherwise
     epochs: int | None = None
     max_steps: int | None = None
     workers: int = 2
@@ -51,7 +51,7 @@ class TrainSettings:
     restart: bool = False
     checkpoint_every: int = 1000
     deterministic: bool = False
-    precision: str = "fp32"
+    precision: str | None = None  # "fp32" unless a resumed checkpoint says otherwise
     max_skipped_steps: int = 20
     progress: BarFactory | None = None
 
@@ -113,6 +113,8 @@ def train_layer(settings: TrainSettings, run: Run | None = None) -> TrainResult:
     )
     j = settings.j
     run.check_stage_index(j)
+    folder = checkpoint_folder(run, j)
+    settings = _resolve(settings, folder)
     if settings.source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {settings.source!r}")
     if settings.precision not in PRECISIONS:
@@ -121,7 +123,6 @@ def train_layer(settings: TrainSettings, run: Run | None = None) -> TrainResult:
         raise ValueError("resume and restart exclude each other; choose one")
     spec = run.arch.training
     epochs = settings.epochs or run.arch.epochs(j)
-    folder = checkpoint_folder(run, j)
     _check_checkpoint_choice(run, j, settings, folder)
     _warn_precision_hardware(settings.precision)
 
@@ -214,6 +215,7 @@ def _train(run: Run, j: int, settings: TrainSettings, spec, epochs: int, folder:
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "schedule": {"step": position.step, "total_steps": total_steps},
+            "requested": {k: getattr(settings, k) for k in REQUESTED},
             "random": checkpoints.random_states(),
             "torch_threads": torch.get_num_threads(),
             **{k: v for k, v in asdict(position).items()},
@@ -338,6 +340,28 @@ def _train(run: Run, j: int, settings: TrainSettings, spec, epochs: int, folder:
         folder.rmdir()
     run.log_metrics({"event": "stage_trained", "stage": j, "seconds": record["seconds"]})
     return TrainResult(record=record, losses=progress.losses)
+
+
+REQUESTED = ("source", "epochs", "max_steps", "precision")
+
+
+def _resolve(settings: TrainSettings, folder: Path) -> TrainSettings:
+    """Fill the options left out: on --resume from the newest checkpoint, else defaults."""
+    requested = {}
+    if settings.resume:
+        requested = (checkpoints.newest_index(folder) or {}).get("requested", {})
+    chosen = {k: getattr(settings, k) for k in REQUESTED}
+    taken = {k: requested.get(k) for k in REQUESTED if chosen[k] is None}
+    taken = {k: v for k, v in taken.items() if v is not None}
+    if taken:
+        log.info(
+            "resuming with the checkpoint's %s", ", ".join(f"{k}={v}" for k, v in taken.items())
+        )
+    defaults = {"source": "cache", "precision": "fp32"}
+    filled = {
+        k: chosen[k] if chosen[k] is not None else taken.get(k, defaults.get(k)) for k in chosen
+    }
+    return replace(settings, **filled)
 
 
 def _batches(loader, epoch: int, start: int):

@@ -102,7 +102,9 @@ def test_stopped_and_resumed_equals_uninterrupted(stopped, reference, j):
     folder = run / f"stage_{j}" / "checkpoints"
     assert checkpoints.checkpoint_steps(folder) == [20, 24]
 
-    out = ok(*train_args(run, j, "--resume")).output
+    # The command `status` suggests: the options left out are the checkpoint's.
+    out = ok("train-layer", "--run", run, "--j", j, "--resume", "--checkpoint-every", EVERY).output
+    assert "resuming with the checkpoint's source=cache, epochs=2, precision=fp32" in out
     assert "resuming stage" in out and "step 24" in out
     assert_bitwise_equal(weights(run, j), weights(reference, j))
     assert epoch_metrics(run, j)[-2:] == epoch_metrics(reference, j)[-2:]

@@ -135,11 +135,14 @@ def load_newest(folder: Path) -> tuple[dict, Path] | None:
 
 
 def remove_checkpoints(folder: Path) -> int:
-    """Delete every checkpoint in ``folder``; return how many there were."""
+    """Delete every checkpoint in ``folder`` and any save cut off midway; return how many
+    checkpoints there were. Checkpoints set aside as ``*.damaged`` are left."""
     steps = checkpoint_steps(folder)
     for step in steps:
         for suffix in (".json", ".pt"):
             (folder / f"step_{step:09d}{suffix}").unlink(missing_ok=True)
+    for partial in folder.glob("step_*.tmp"):
+        partial.unlink()
     return len(steps)
 
 

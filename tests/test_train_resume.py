@@ -207,3 +207,25 @@ def test_stop_variable_must_be_a_number(tmp_path, tiny_data, tiny_arch, monkeypa
     monkeypatch.setenv(STOP_AT_STEP_ENV, "ten")
     result = invoke(*new_run(tmp_path / "r", 0, tiny_arch, tiny_data))
     assert result.exit_code == 1 and "is not a step number" in result.output
+
+
+def test_image_loader_starts_mid_epoch(tiny_data):
+    from pipeline.datasets import DatasetInfo
+    from pipeline.loaders import ImageLoader
+
+    info = DatasetInfo.load(tiny_data)
+    loader = ImageLoader(info, "train", 32, (1, 28, 28), shuffle=True, seed=7, drop_last=True)
+    whole = list(loader.epoch(1))
+    tail = list(loader.epoch(1, start=10))
+    assert len(whole) == 16 and len(tail) == 6
+    for (x, y), (tx, ty) in zip(whole[10:], tail, strict=True):
+        assert torch.equal(x, tx) and torch.equal(y, ty)
+    assert len(list(loader.epoch(2))) == 16, "the next epoch starts at its beginning again"
+
+
+def test_partial_saves_are_removed_with_the_checkpoints(tmp_path):
+    checkpoints.save_checkpoint(tmp_path, {"step": 1, "epoch": 0})
+    (tmp_path / "step_000000002.pt.tmp").write_bytes(b"cut off")
+    assert checkpoints.checkpoint_steps(tmp_path) == [1]
+    assert checkpoints.remove_checkpoints(tmp_path) == 1
+    assert not list(tmp_path.iterdir())

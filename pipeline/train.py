@@ -218,7 +218,7 @@ def _train(run: Run, j: int, settings: TrainSettings, spec, epochs: int, folder:
             "requested": {k: getattr(settings, k) for k in REQUESTED},
             "random": checkpoints.random_states(),
             "torch_threads": torch.get_num_threads(),
-            **{k: v for k, v in asdict(position).items()},
+            **asdict(position),
         }
         checkpoints.save_checkpoint(folder, state)
 

@@ -76,7 +76,6 @@ def save_checkpoint(folder: Path, state: dict) -> Path:
     name = f"step_{state['step']:09d}"
 
     path = folder / f"{name}.pt"
-    _write_durably(path, payload)
     index = {
         "format": CHECKPOINT_FORMAT,
         "step": state["step"],
@@ -86,7 +85,17 @@ def save_checkpoint(folder: Path, state: dict) -> Path:
         "bytes": len(payload),
         "sha256": hashlib.sha256(payload).hexdigest(),
     }
-    _write_durably(folder / f"{name}.json", json.dumps(index, indent=2).encode())
+    try:
+        _write_durably(path, payload)
+        _write_durably(folder / f"{name}.json", json.dumps(index, indent=2).encode())
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        kept = checkpoint_steps(folder)
+        raise CheckpointError(
+            f"the checkpoint of step {state['step']} could not be written to {folder} ({err}); "
+            + (f"the one of step {kept[-1]} is kept. " if kept else "")
+            + "Free disk space, then continue with `train-layer --resume`"
+        ) from err
 
     for old in checkpoint_steps(folder)[:-KEEP]:
         for suffix in (".json", ".pt"):
@@ -177,10 +186,14 @@ def _check(path: Path) -> str | None:
 
 def _write_durably(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     directory = os.open(path.parent, os.O_RDONLY)
     try:

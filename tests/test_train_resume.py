@@ -229,3 +229,27 @@ def test_partial_saves_are_removed_with_the_checkpoints(tmp_path):
     assert checkpoints.checkpoint_steps(tmp_path) == [1]
     assert checkpoints.remove_checkpoints(tmp_path) == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_a_save_cut_off_by_the_file_size_limit_keeps_the_previous(tmp_path):
+    """The kernel refuses writes past RLIMIT_FSIZE as it would on a full disk."""
+    import resource
+    import signal
+
+    checkpoints.save_checkpoint(tmp_path, {"step": 1, "epoch": 0})
+    big = {"step": 2, "epoch": 0, "weights": torch.zeros(1 << 20)}  # 4 MiB
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
+    try:
+        with pytest.raises(checkpoints.CheckpointError, match="the one of step 1 is kept"):
+            checkpoints.save_checkpoint(tmp_path, big)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_000000001.json",
+        "step_000000001.pt",
+    ]
+    state, _ = checkpoints.load_newest(tmp_path)
+    assert state["step"] == 1

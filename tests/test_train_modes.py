@@ -216,3 +216,19 @@ def test_run_metadata(two_stages):
     epoch = next(e for e in entries if e["event"] == "epoch" and e["stage"] == 1)
     assert {"loss", "accuracy", "lr", "samples_per_s", "data_wait_share"} <= set(epoch)
     assert epoch["samples_per_s"] > 0 and 0 <= epoch["data_wait_share"] <= 1
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_resume_is_bitwise(two_stages, precision, monkeypatch):
+    args = ("train-layer", "--run", two_stages, "--j", 2, "--precision", precision)
+    args += ("--steps", 6, "--checkpoint-every", 3, "--restart")
+    ok(*args)
+    reference = stage_state(two_stages, 2)
+
+    monkeypatch.setenv("GREEDY_TRAIN_STOP_AT_STEP", "4")
+    refused(*args, match="stopped before step 5")
+    monkeypatch.delenv("GREEDY_TRAIN_STOP_AT_STEP")
+    ok("train-layer", "--run", two_stages, "--j", 2, "--resume")
+    record = json.loads((two_stages / "stage_2" / "record.json").read_text())
+    assert record["precision"] == precision and record["resumed_from_steps"] == [3]
+    assert stage_state(two_stages, 2) == reference

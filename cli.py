@@ -58,6 +58,18 @@ workers_option = click.option(
 threads_option = click.option(
     "--threads", default=None, type=click.IntRange(1), help="Torch threads [default: all cores]."
 )
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default=None,
+    help="Training arithmetic: float32, or mixed precision with bfloat16 or float16 "
+    "[default: fp32, or a resumed checkpoint's].",
+)
+deterministic_option = click.option(
+    "--deterministic",
+    is_flag=True,
+    help="Refuse non-deterministic kernels so that repeated runs are bitwise equal.",
+)
 
 
 @main.command()
@@ -240,10 +252,9 @@ def _run_options(f):
 @click.option(
     "--source",
     type=click.Choice(["cache", "recompute"]),
-    default="cache",
-    show_default=True,
+    default=None,
     help="Stage j's input: stage j-1's cached features, or the frozen stages "
-    "recomputed on every batch of images.",
+    "recomputed on every batch of images [default: cache, or a resumed checkpoint's].",
 )
 @click.option(
     "--epochs",
@@ -257,12 +268,41 @@ def _run_options(f):
     default=None,
     help="Train exactly N steps instead of the epochs (schedule scaled to N).",
 )
+@click.option("--resume", is_flag=True, help="Continue from the newest good checkpoint.")
+@click.option("--restart", is_flag=True, help="Discard the stage's checkpoints and start over.")
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(1),
+    default=1000,
+    show_default=True,
+    help="Steps between checkpoints (one is also written at every epoch end).",
+)
+@precision_option
+@deterministic_option
 @workers_option
 @threads_option
-def train_layer_cmd(run_dir, j, preset, data, seed, source, epochs, steps, workers, threads):
+def train_layer_cmd(
+    run_dir,
+    j,
+    preset,
+    data,
+    seed,
+    source,
+    epochs,
+    steps,
+    resume,
+    restart,
+    checkpoint_every,
+    precision,
+    deterministic,
+    workers,
+    threads,
+):
     """Train stage J and its auxiliary head, stages 0..J-1 frozen."""
     from pipeline.train import TrainSettings, train_layer
 
+    if resume and restart:
+        raise click.BadParameter("give --resume or --restart, not both", param_hint="--resume")
     _set_threads(threads)
     result = train_layer(
         TrainSettings(
@@ -274,6 +314,11 @@ def train_layer_cmd(run_dir, j, preset, data, seed, source, epochs, steps, worke
             source=source,
             epochs=epochs,
             max_steps=steps,
+            resume=resume,
+            restart=restart,
+            checkpoint_every=checkpoint_every,
+            precision=precision,
+            deterministic=deterministic,
             workers=workers,
             progress=_bar,
         )
@@ -418,10 +463,13 @@ def eval_cmd(run_dir, split, workers, threads):
     show_default=True,
     help="Storage dtype of the feature caches.",
 )
+@precision_option
+@deterministic_option
 @workers_option
 @threads_option
-def run_cmd(preset, data, run_dir, seed, source, dtype, workers, threads):
-    """Train, cache and evaluate every stage of PRESET, skipping what is current."""
+def run_cmd(preset, data, run_dir, seed, source, dtype, precision, deterministic, workers, threads):
+    """Train, cache and evaluate every stage of PRESET, skipping what is current;
+    a stage whose training was stopped resumes from its newest good checkpoint."""
     from pipeline.greedy import RunSettings, run_greedy
 
     _set_threads(threads)
@@ -433,6 +481,8 @@ def run_cmd(preset, data, run_dir, seed, source, dtype, workers, threads):
             seed=seed,
             source=source,
             dtype=dtype,
+            precision=precision,
+            deterministic=deterministic,
             workers=workers,
             progress=_bar,
         )
@@ -575,14 +625,20 @@ def _duration(s: float) -> str:
 @main.command("status")
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
 def status_cmd(run_dir):
-    """Which stages are trained, cached and current, and the next command to run."""
+    """Which stages are trained, cached, verified, current or stale; the next command."""
     from pipeline.status import run_status
 
     status = run_status(run_dir)
-    header = ("stage", "trained", "cache")
+    header = ("stage", "trained", "cache", "checked", "checkpoint")
     last = len(status.stages) - 1
     rows = [
-        (str(s.j), s.trained, "not needed" if s.j == last and s.cache == "missing" else s.cache)
+        (
+            str(s.j),
+            s.trained,
+            "not needed" if s.j == last and s.cache == "missing" else s.cache,
+            s.verified,
+            s.checkpoint,
+        )
         for s in status.stages
     ]
     click.echo(f"{status.arch} in {status.run}")

@@ -1,10 +1,17 @@
-"""The whole greedy run: train, cache and evaluate every stage, skipping what is current."""
+"""The whole greedy run: train, cache and evaluate every stage, skipping what is current.
+
+What is current is decided from hashes (a stage's recorded input lineage, a store's
+manifest), never from a file's existence: after stage j is retrained, stage j's cache and
+every stage and cache above it are stale and are redone; nothing below is touched. A
+stage whose training was stopped continues from its newest good checkpoint.
+"""
 
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import checkpoints
 from pipeline.cache import (
     CacheSettings,
     cache_features,
@@ -16,7 +23,7 @@ from pipeline.cache import (
 from pipeline.evaluate import EvalSettings, evaluate
 from pipeline.progress import BarFactory
 from pipeline.rundir import Run
-from pipeline.train import TrainSettings, train_layer
+from pipeline.train import TrainSettings, checkpoint_folder, train_layer
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,9 @@ class RunSettings:
     dtype: str = "float16"
     workers: int = 2
     memory_budget: int = 8 << 30
+    precision: str | None = None  # fp32, or a stopped stage's own on resume
+    deterministic: bool = False
+    checkpoint_every: int = 1000
     progress: BarFactory | None = None
 
 
@@ -40,7 +50,8 @@ def run_greedy(settings: RunSettings) -> dict:
     last = run.arch.depth - 1
 
     for j in range(run.arch.depth):
-        if run.stage_current(j):
+        stopped = checkpoints.checkpoint_steps(checkpoint_folder(run, j))
+        if run.stage_current(j) and not stopped:
             log.info("stage %d is trained and current; skipping", j)
         else:
             train_layer(
@@ -49,6 +60,10 @@ def run_greedy(settings: RunSettings) -> dict:
                     j=j,
                     source=settings.source,
                     memory_budget=settings.memory_budget,
+                    resume=bool(stopped),
+                    precision=settings.precision,
+                    deterministic=settings.deterministic,
+                    checkpoint_every=settings.checkpoint_every,
                     **common,
                 ),
                 run,

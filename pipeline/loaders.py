@@ -26,22 +26,27 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def _make_order(seed: int, shuffle: bool):
+def _make_order(seed: int, shuffle: bool, batch_size: int, drop_last: bool):
     from ffcv.traversal_order.base import TraversalOrder
 
     class EpochOrder(TraversalOrder):
+        """The epoch's order, less its first ``skip`` batches (set to resume mid-epoch)."""
+
         # FFCV instantiates a custom order by calling the object with the loader.
         def __init__(self):
-            pass
+            self.skip = 0
 
         def __call__(self, loader):
             TraversalOrder.__init__(self, loader)
             return self
 
         def sample_order(self, epoch: int):
-            if not shuffle:
-                return self.indices
-            return self.indices[epoch_permutation(len(self.indices), seed, epoch)]
+            order = self.indices
+            if shuffle:
+                order = order[epoch_permutation(len(order), seed, epoch)]
+            if drop_last:
+                order = order[: len(order) - len(order) % batch_size]
+            return order[self.skip * batch_size :]
 
     return EpochOrder()
 
@@ -72,6 +77,7 @@ class ImageLoader:
         n = info.count(split) if indices is None else len(indices)
         self.num_samples = n
         self.drop_last = drop_last
+        self._order = _make_order(seed, shuffle, batch_size, drop_last)
         if info.kind == "array":
             decoder = NDArrayDecoder()
         else:
@@ -80,7 +86,7 @@ class ImageLoader:
             str(info.path(split)),
             batch_size=batch_size,
             num_workers=workers,
-            order=_make_order(seed, shuffle),
+            order=self._order,
             indices=indices,
             drop_last=drop_last,
             pipelines={
@@ -96,7 +102,9 @@ class ImageLoader:
             return self.num_samples // self.batch_size
         return -(-self.num_samples // self.batch_size)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """The batches of ``epoch`` from batch ``start`` on; the earlier ones are not read."""
+        self._order.skip = start
         self._loader.next_epoch = epoch
         for images, labels in self._loader:
             x = images.permute(0, 3, 1, 2).float().div_(255)

@@ -6,7 +6,8 @@ Layout::
     RUN/arch.json                the resolved architecture
     RUN/metrics.jsonl            one JSON object per epoch, trained stage and evaluation
     RUN/stage_<j>/weights.pt     stage j and its auxiliary head
-    RUN/stage_<j>/record.json    hashes, input lineage, settings and results of training
+    RUN/stage_<j>/record.json    hashes, input lineage, settings, environment and results
+    RUN/stage_<j>/checkpoints/   checkpoints of a training under way (see pipeline.checkpoints)
     RUN/features/stage_<j>.zarr  stage j's outputs over every split
     RUN/eval.json                accuracies
 
@@ -81,25 +82,45 @@ def environment_record() -> dict:
         versions["ffcv"] = metadata.version("ffcv")
     except metadata.PackageNotFoundError:
         versions["ffcv"] = "unknown"
+    commit = _git("rev-parse", "HEAD")
+    changes = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "versions": versions,
+        "git_commit": commit,
+        "git_uncommitted_changes": None if changes is None else bool(changes),
+        "host": platform.node(),
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
+
+
+def _git(*args: str) -> str | None:
+    """Output of a git command in the code's own checkout, None outside one."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+        return subprocess.run(
+            ["git", *args],
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
             check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {
-        "versions": versions,
-        "git_commit": commit,
-        "host": platform.node(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(),
-    }
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 @dataclass

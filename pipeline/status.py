@@ -1,10 +1,13 @@
-"""What a run directory holds: which stages are trained, cached and current, and what next."""
+"""What a run directory holds: which stages are trained, cached, verified and current,
+which are stale, and the next command to run."""
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cache import cache_ids, cache_state
+from pipeline import checkpoints
+from pipeline.cache import cache_ids, cache_state, read_manifest
 from pipeline.rundir import Run, read_json
+from pipeline.train import checkpoint_folder
 
 
 @dataclass(frozen=True)
@@ -12,6 +15,8 @@ class StageStatus:
     j: int
     trained: str  # "current", "stale" or "missing"
     cache: str  # a cache_state() value
+    verified: str = ""  # "verified" or "failed" per the store's check, "" when never checked
+    checkpoint: str = ""  # "step N of M" while a training of the stage is under way
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,16 @@ def run_status(root: Path) -> RunStatus:
             trained = "missing"
         else:
             trained = "current" if run.stage_current(j) else "stale"
-        stages.append(StageStatus(j=j, trained=trained, cache=cache_state(run, j)))
+        cache = cache_state(run, j)
+        stages.append(
+            StageStatus(
+                j=j,
+                trained=trained,
+                cache=cache,
+                verified=_verified(run, j) if cache == "current" else "",
+                checkpoint=_checkpoint(run, j),
+            )
+        )
 
     evaluated = "missing"
     if (run.root / "eval.json").is_file():
@@ -49,9 +63,26 @@ def run_status(root: Path) -> RunStatus:
     )
 
 
+def _verified(run: Run, j: int) -> str:
+    """The store's own check, written by ``cache-features --verify``, if it was run."""
+    check = (read_manifest(run.features_path(j)) or {}).get("verified")
+    if not isinstance(check, dict):
+        return ""
+    return "verified" if check.get("ok") is True else "failed"
+
+
+def _checkpoint(run: Run, j: int) -> str:
+    index = checkpoints.newest_index(checkpoint_folder(run, j))
+    if index is None:
+        return ""
+    return f"step {index.get('step')} of {index.get('total_steps')}"
+
+
 def _next_command(run: Run, stages: list[StageStatus], evaluated: str) -> str | None:
     last = len(stages) - 1
     for s in stages:
+        if s.checkpoint:
+            return f"greedy-cli train-layer --run {run.root} --j {s.j} --resume"
         if s.trained != "current":
             return f"greedy-cli train-layer --run {run.root} --j {s.j}"
         if s.j < last and s.cache != "current" and stages[s.j + 1].trained != "current":

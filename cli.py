@@ -245,16 +245,29 @@ def _run_options(f):
     return f
 
 
+def _check_source(ctx, param, value):
+    from pipeline.cache import check_source
+
+    if value is None:
+        return value
+    try:
+        return check_source(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
 @main.command("train-layer")
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
 @click.option("--j", "j", required=True, type=click.IntRange(0), help="Stage to train.")
 @_run_options
 @click.option(
     "--source",
-    type=click.Choice(["cache", "recompute"]),
     default=None,
-    help="Stage j's input: stage j-1's cached features, or the frozen stages "
-    "recomputed on every batch of images [default: cache, or a resumed checkpoint's].",
+    callback=_check_source,
+    help="Stage j's input: 'cache' (stage j-1's features), 'nearest' (the nearest stage "
+    "below with current features, else the images), 'cache:I' (stage I's features) or "
+    "'recompute' (the images); the frozen stages in between run on every batch "
+    "[default: cache, or a resumed checkpoint's].",
 )
 @click.option(
     "--epochs",
@@ -368,6 +381,13 @@ def train_layer_cmd(
 )
 @click.option("--scheduler", default=None, help="Write on the dask cluster at ADDRESS.")
 @click.option(
+    "--source",
+    default="cache",
+    show_default=True,
+    callback=_check_source,
+    help="Stage J's input, as for train-layer.",
+)
+@click.option(
     "--verify",
     is_flag=True,
     help="Write nothing: check every chunk's checksum and recompute a random sample of rows.",
@@ -392,6 +412,7 @@ def cache_features_cmd(
     store,
     dask_workers,
     scheduler,
+    source,
     verify,
     verify_rows,
     workers,
@@ -425,6 +446,7 @@ def cache_features_cmd(
             store=store,
             dask_workers=dask_workers,
             scheduler=scheduler,
+            source=source,
             workers=workers,
             progress=_bar,
         )

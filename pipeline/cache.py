@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -77,6 +78,7 @@ class CacheSettings:
     dask_workers: int | None = None
     scheduler: str | None = None
     lease_seconds: float = LEASE_SECONDS
+    source: str = "cache"  # stage j's input, as train-layer's --source
     progress: BarFactory | None = None
 
 
@@ -140,6 +142,17 @@ class _Store:
             self.fs.rm(self.path(key), recursive=recursive)
         except FileNotFoundError:
             pass
+
+
+def remove_cache(run: Run, j: int) -> int:
+    """Delete stage j's store; its size in bytes before deletion (0 when absent)."""
+    store = _Store(store_url(run, j))
+    if not store.fs.exists(store.root):
+        return 0
+    size = int(store.fs.du(store.root, total=True))
+    store.fs.rm(store.root, recursive=True)
+    log.info("removed stage %d's features (%.1f MB) from %s", j, size / 1e6, store.url)
+    return size
 
 
 def _open_group(url: str, mode: str) -> zarr.Group:
@@ -235,6 +248,72 @@ def open_features(run: Run, j: int, split: str) -> tuple[zarr.Array, np.ndarray,
     return features, labels, manifest
 
 
+IMAGES = -1
+SOURCE_HELP = (
+    "'cache' (stage j-1's features), 'nearest' (the nearest stage below j with current "
+    "features, else the images), 'cache:I' (stage I's features) or 'recompute' (the images)"
+)
+
+
+def resolve_source(run: Run, j: int, source: str) -> int:
+    """The stage whose features stage j reads (IMAGES for the images) under ``source``."""
+    if source == "recompute" or j == 0:
+        return IMAGES
+    if source == "cache":
+        return j - 1
+    if source == "nearest":
+        return max((i for i in range(j) if cache_state(run, i) == "current"), default=IMAGES)
+    match = re.fullmatch(r"cache:(\d+)", str(source))
+    if match is None:
+        raise ValueError(f"source {source!r} is not one of {SOURCE_HELP}")
+    i = int(match.group(1))
+    if i >= j:
+        raise RunStateError(
+            f"stage {j} cannot read the features of stage {i}: give a stage below {j} "
+            f"(--source cache:{j - 1} at most)"
+        )
+    return i
+
+
+def check_source(source: str) -> str:
+    """``source`` when it names an input, else a ValueError listing the choices."""
+    if source in ("cache", "nearest", "recompute") or re.fullmatch(r"cache:\d+", str(source)):
+        return source
+    raise ValueError(f"source {source!r} is not one of {SOURCE_HELP}")
+
+
+def _check_input(run: Run, j: int, input_stage: int) -> None:
+    """Refuse an input whose stages (the one read, those recomputed) are not current."""
+    for i in range(max(input_stage, 0), j):
+        if not run.stage_current(i):
+            raise RunStateError(
+                f"stage {i} is not trained (or is stale); run "
+                f"`greedy-cli train-layer --run {run.root} --j {i}` first"
+            )
+
+
+def frozen_between(run: Run, first: int, j: int):
+    """Stages first..j-1 as a frozen trunk in eval mode, or None when there are none."""
+    if first >= j:
+        return None
+    from stages import Trunk
+
+    trunk = Trunk([run.load_stage(i)[0] for i in range(first, j)]).eval()
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    return trunk
+
+
+def describe_input(desc: dict, j: int) -> str:
+    """'images', 'stage 1's features' and the stages recomputed on them, for logs."""
+    first = desc["stage"] + 1 if desc["kind"] == "features" else 0
+    what = "images" if first == 0 else f"stage {first - 1}'s features"
+    if first < j:
+        between = f"stage {first}" if first == j - 1 else f"stages {first}..{j - 1}"
+        what += f", recomputing {between} on every batch"
+    return what
+
+
 def stage_input(
     run: Run,
     j: int,
@@ -247,25 +326,17 @@ def stage_input(
     workers: int = 2,
     memory_budget: int = 8 << 30,
 ):
-    """The loader of stage j's input, and the frozen trunk to apply to it (or None).
+    """The loader of stage j's input, and the frozen stages to apply to it (or None).
 
-    Stage 0 reads images. Above it, ``source="cache"`` reads stage j-1's features;
-    ``source="recompute"`` reads images and runs the frozen stages 0..j-1 on them.
+    The loader reads the images or a cached stage's features (see :func:`resolve_source`);
+    the frozen stages between that input and stage j are returned as a trunk that the
+    caller runs on every batch.
     """
-    if j == 0 or source == "recompute":
-        for i in range(j):
-            if not run.stage_current(i):
-                raise RunStateError(
-                    f"stage {i} is not trained (or is stale); run "
-                    f"`greedy-cli train-layer --run {run.root} --j {i}` first"
-                )
-        trunk = None
-        if j > 0:
-            from stages import Trunk
+    first = resolve_source(run, j, source) + 1
+    _check_input(run, j, first - 1)
+    trunk = frozen_between(run, first, j)
 
-            trunk = Trunk([run.load_stage(i)[0] for i in range(j)]).eval()
-            for p in trunk.parameters():
-                p.requires_grad_(False)
+    if first == 0:
         loader = ImageLoader(
             run.data,
             split,
@@ -276,31 +347,21 @@ def stage_input(
             drop_last=drop_last,
             workers=workers,
         )
-        return loader, trunk, {"kind": "images", "dataset_id": run.data.id}
+        return loader, trunk, {"kind": "images", "dataset_id": run.data.id, "recomputed": j}
 
-    if source != "cache":
-        raise ValueError(f"source must be 'cache' or 'recompute', got {source!r}")
-    if not run.stage_current(j - 1):
-        raise RunStateError(
-            f"stage {j - 1} is not trained (or is stale); run "
-            f"`greedy-cli train-layer --run {run.root} --j {j - 1}` first"
-        )
-    features, labels, manifest = open_features(run, j - 1, split)
+    features, labels, manifest = open_features(run, first - 1, split)
     loader = FeatureLoader(
         features,
         labels,
         batch_size,
-        name=store_url(run, j - 1),
+        name=store_url(run, first - 1),
         shuffle=shuffle,
         seed=seed,
         drop_last=drop_last,
         memory_budget=memory_budget,
     )
-    return (
-        loader,
-        None,
-        {"kind": "features", "cache_id": manifest["id"], "dtype": manifest["dtype"]},
-    )
+    desc = {"kind": "features", "stage": first - 1, "cache_id": manifest["id"]}
+    return loader, trunk, {**desc, "dtype": manifest["dtype"], "recomputed": j - first}
 
 
 # -- the writer's lease ---------------------------------------------------------
@@ -436,6 +497,7 @@ class _Job:
     workers: int
     lease_token: str
     fault: str | None
+    input_stage: int = -1  # the cached stage read, or -1 for the images
 
 
 def _parse_fault(value: str | None) -> str | None:
@@ -488,7 +550,16 @@ def _compressors(codec: str, clevel: int):
 
 
 def manifest_id(manifest: dict) -> str:
-    keys = ("stage", "lineage", "dtype", "shape", "chunk_samples", "codec", "splits")
+    keys = (
+        "stage",
+        "lineage",
+        "dtype",
+        "shape",
+        "chunk_samples",
+        "codec",
+        "splits",
+        "input_stage",
+    )
     return hashlib.sha256(repr([manifest.get(k) for k in keys]).encode()).hexdigest()
 
 
@@ -509,6 +580,9 @@ def cache_features(settings: CacheSettings) -> dict:
             f"stage {j} is not trained (or is stale); run "
             f"`greedy-cli train-layer --run {run.root} --j {j}` first"
         )
+    check_source(settings.source)
+    input_stage = resolve_source(run, j, settings.source)
+    _check_input(run, j, input_stage)
     fault = _parse_fault(os.environ.get(FAULT_ENV))
     run.load_stage(j)  # refuses damaged weights before anything is written
     _check_cluster(settings, settings.store or store_url(run, j))
@@ -533,6 +607,7 @@ def cache_features(settings: CacheSettings) -> dict:
         "codec": {"name": settings.codec, "level": settings.clevel},
         "batch_size": batch_size,
         "splits": splits,
+        "input_stage": input_stage,
         "complete": False,
     }
     manifest["id"] = manifest_id(manifest)
@@ -560,6 +635,7 @@ def _write_splits(settings, client, run, url, manifest, missing, lease, fault) -
             workers=settings.workers,
             lease_token=lease.token,
             fault=fault,
+            input_stage=manifest["input_stage"],
         )
         _write_split(settings, client, job, missing[split], manifest["chunk_samples"], n, lease)
 
@@ -794,6 +870,9 @@ def _write_region(job: _Job, first: int, stop_chunk: int, lease: Lease | None) -
     """
     run = Run.open(job.run)
     stage, _ = run.load_stage(job.j)
+    between = frozen_between(run, job.input_stage + 1, job.j)
+    if between is not None:
+        stage = torch.nn.Sequential(between, stage)
     store = _Store(job.url)
     group = _open_group(job.url, "r+")
     features, labels = group[f"{job.split}/features"], group[f"{job.split}/labels"]
@@ -890,7 +969,7 @@ def _commit(url: str, manifest: dict, seconds: float) -> dict:
 
 
 def _region_input(run: Run, job: _Job, start: int, stop: int):
-    if job.j == 0:
+    if job.input_stage == IMAGES:
         return ImageLoader(
             run.data,
             job.split,
@@ -899,13 +978,13 @@ def _region_input(run: Run, job: _Job, start: int, stop: int):
             indices=np.arange(start, stop),
             workers=job.workers,
         )
-    features, labels, _ = open_features(run, job.j - 1, job.split)
+    features, labels, _ = open_features(run, job.input_stage, job.split)
     # Streamed chunk by chunk, in order, by the loader's read-ahead thread.
     return FeatureLoader(
         _Rows(features, start, stop),
         labels[start:stop],
         job.batch_size,
-        name=store_url(run, job.j - 1),
+        name=store_url(run, job.input_stage),
         memory_budget=0,
     )
 
@@ -973,7 +1052,7 @@ def verify_cache(settings: VerifySettings) -> dict:
             rows = np.sort(rng.choice(n, size=min(settings.rows, n), replace=False))
             features, labels, _ = open_features(run, j, split)
             stored = features.get_orthogonal_selection((rows,)).astype(np.float64)
-            exact = _recompute(run, j, stage, split, rows, batch_size, settings.workers)
+            exact = _recompute(run, manifest, stage, split, rows, batch_size, settings.workers)
             bad_rows += [
                 f"{split} row {r}" for r in rows[~_within_rounding(stored, exact, features.dtype)]
             ]
@@ -1010,15 +1089,20 @@ def verify_cache(settings: VerifySettings) -> dict:
     return verified
 
 
-def _recompute(run, j, stage, split, rows, batch_size, workers) -> np.ndarray:
-    """Stage j's float32 outputs for ``rows`` of ``split``, from the stage's input."""
-    if j == 0:
+def _recompute(run, manifest, stage, split, rows, batch_size, workers) -> np.ndarray:
+    """Stage j's float32 outputs for ``rows`` of ``split``, from the input the store was
+    computed from (the images or a cached stage, and the frozen stages in between)."""
+    j, input_stage = manifest["stage"], manifest.get("input_stage", manifest["stage"] - 1)
+    between = frozen_between(run, input_stage + 1, j)
+    if between is not None:
+        stage = torch.nn.Sequential(between, stage)
+    if input_stage == IMAGES:
         loader = ImageLoader(
             run.data, split, batch_size, run.arch.input_shape, indices=rows, workers=workers
         )
         inputs = (x for x, _ in loader.epoch(0))
     else:
-        below, _, _ = open_features(run, j - 1, split)
+        below, _, _ = open_features(run, input_stage, split)
         x_all = below.get_orthogonal_selection((rows,)).astype(np.float32)
         inputs = (
             torch.from_numpy(x_all[i : i + batch_size]) for i in range(0, len(rows), batch_size)

@@ -117,6 +117,26 @@ class Plan:
                 out.append(i)
         return out
 
+    @classmethod
+    def load(cls, path: Path) -> "Plan":
+        try:
+            data = json.loads(Path(path).read_text())
+            data["rates"] = Rates(
+                **{
+                    **data["rates"],
+                    "stage_forward_s": tuple(data["rates"]["stage_forward_s"]),
+                    "stage_train_s": tuple(data["rates"]["stage_train_s"]),
+                }
+            )
+            data["stages"] = tuple(StagePlan(**s) for s in data["stages"])
+            data["cached"] = tuple(data["cached"])
+            return cls(**data)
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise PlanError(
+                f"{path} is not a readable plan ({type(err).__name__}: {err}); make it again "
+                "with `greedy-cli plan PRESET --run DIR`"
+            ) from err
+
     def save(self, run_dir: Path) -> Path:
         path = Path(run_dir) / PLAN_FILE
         path.write_text(json.dumps(asdict(self), indent=1))

@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from pipeline import checkpoints
-from pipeline.cache import stage_input
+from pipeline.cache import check_source, describe_input, stage_input
 from pipeline.errors import GreedyError, RunStateError
 from pipeline.loaders import ImageLoader
 from pipeline.progress import BarFactory, open_bar
@@ -27,7 +27,6 @@ from pipeline.rundir import Run, environment_record, state_hash
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("cache", "recompute")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Fault-injection point: training stops before this step (0-based count of steps done),
@@ -115,8 +114,7 @@ def train_layer(settings: TrainSettings, run: Run | None = None) -> TrainResult:
     run.check_stage_index(j)
     folder = checkpoint_folder(run, j)
     settings = _resolve(settings, folder)
-    if settings.source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {settings.source!r}")
+    check_source(settings.source)
     if settings.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {settings.precision!r}")
     if settings.resume and settings.restart:
@@ -131,9 +129,9 @@ def train_layer(settings: TrainSettings, run: Run | None = None) -> TrainResult:
 
 
 def _train(run: Run, j: int, settings: TrainSettings, spec, epochs: int, folder: Path):
-    # Input: images for stage 0, else stage j-1's features or the recomputed trunk.
+    # Input: the images or a cached stage's features, and the frozen stages in between.
     # TODO: the paper's random crops and flips need augmented views in the cache; until
-    # then every stage trains on un-augmented inputs, in both sources.
+    # then every stage trains on un-augmented inputs, in every source.
     loader, trunk, input_desc = stage_input(
         run,
         j,
@@ -200,7 +198,7 @@ def _train(run: Run, j: int, settings: TrainSettings, spec, epochs: int, folder:
         "training stage %d of %s from %s: %d epoch(s), %d steps of %d, %s",
         j,
         run.arch.name,
-        input_desc["kind"],
+        describe_input(input_desc, j),
         epochs,
         total_steps,
         spec.batch_size,

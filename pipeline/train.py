@@ -537,7 +537,8 @@ def _warn_precision_hardware(precision: str) -> None:
     flags = _cpu_flags()
     if not flags & native[precision]:
         log.warning(
-            "%s: this CPU has none of %s; torch emulates %s here, correct but slower than fp32",
+            "%s: this CPU has none of %s; torch has no native %s path here, expect it slower "
+            "than fp32",
             precision,
             sorted(native[precision]),
             precision,

@@ -485,14 +485,40 @@ def eval_cmd(run_dir, split, workers, threads):
     show_default=True,
     help="Storage dtype of the feature caches.",
 )
+@click.option(
+    "--plan",
+    "make_plan",
+    is_flag=True,
+    help="Measure this machine and choose which stages to cache first (see `plan`); "
+    "a RUN/plan.json made by `plan` is followed without it.",
+)
+@click.option("--budget", help="With --plan: storage the caches may take, e.g. 500GB.")
+@click.option("--keep-caches", is_flag=True, help="With a plan: keep caches nothing needs.")
 @precision_option
 @deterministic_option
 @workers_option
 @threads_option
-def run_cmd(preset, data, run_dir, seed, source, dtype, precision, deterministic, workers, threads):
+def run_cmd(
+    preset,
+    data,
+    run_dir,
+    seed,
+    source,
+    dtype,
+    make_plan,
+    budget,
+    keep_caches,
+    precision,
+    deterministic,
+    workers,
+    threads,
+):
     """Train, cache and evaluate every stage of PRESET, skipping what is current;
-    a stage whose training was stopped resumes from its newest good checkpoint."""
+    a stage whose training was stopped resumes from its newest good checkpoint. With a
+    plan, only the planned stages are cached and each cache is deleted once nothing
+    needs it."""
     from pipeline.greedy import RunSettings, run_greedy
+    from pipeline.plan import parse_bytes
 
     _set_threads(threads)
     report = run_greedy(
@@ -503,6 +529,9 @@ def run_cmd(preset, data, run_dir, seed, source, dtype, precision, deterministic
             seed=seed,
             source=source,
             dtype=dtype,
+            plan=make_plan,
+            budget_bytes=None if budget is None else parse_bytes(budget),
+            keep_caches=keep_caches,
             precision=precision,
             deterministic=deterministic,
             workers=workers,

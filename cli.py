@@ -270,6 +270,12 @@ def _check_source(ctx, param, value):
     "[default: cache, or a resumed checkpoint's].",
 )
 @click.option(
+    "--augment",
+    is_flag=True,
+    help="Train on augmented inputs: images freshly augmented every batch, or one of a "
+    "cache's views (cache-features --views) per chunk and epoch.",
+)
+@click.option(
     "--epochs",
     type=click.IntRange(1),
     default=None,
@@ -301,6 +307,7 @@ def train_layer_cmd(
     data,
     seed,
     source,
+    augment,
     epochs,
     steps,
     resume,
@@ -325,6 +332,7 @@ def train_layer_cmd(
             data=data,
             seed=seed,
             source=source,
+            augment=augment,
             epochs=epochs,
             max_steps=steps,
             resume=resume,
@@ -388,6 +396,14 @@ def train_layer_cmd(
     help="Stage J's input, as for train-layer.",
 )
 @click.option(
+    "--views",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Views of each training sample: the sample itself, then V-1 copies augmented with "
+    "the architecture's training augmentation, recorded in the store.",
+)
+@click.option(
     "--verify",
     is_flag=True,
     help="Write nothing: check every chunk's checksum and recompute a random sample of rows.",
@@ -413,6 +429,7 @@ def cache_features_cmd(
     dask_workers,
     scheduler,
     source,
+    views,
     verify,
     verify_rows,
     workers,
@@ -447,6 +464,7 @@ def cache_features_cmd(
             dask_workers=dask_workers,
             scheduler=scheduler,
             source=source,
+            views=views,
             workers=workers,
             progress=_bar,
         )
@@ -494,6 +512,19 @@ def eval_cmd(run_dir, split, workers, threads):
 )
 @click.option("--budget", help="With --plan: storage the caches may take, e.g. 500GB.")
 @click.option("--keep-caches", is_flag=True, help="With a plan: keep caches nothing needs.")
+@click.option(
+    "--views",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Cache V views of each training sample and train every stage augmented.",
+)
+@click.option(
+    "--augment",
+    is_flag=True,
+    help="Train every stage augmented (with --source recompute: fresh augmentation at every "
+    "step, as the paper's authors did).",
+)
 @precision_option
 @deterministic_option
 @workers_option
@@ -508,6 +539,8 @@ def run_cmd(
     make_plan,
     budget,
     keep_caches,
+    views,
+    augment,
     precision,
     deterministic,
     workers,
@@ -532,6 +565,8 @@ def run_cmd(
             plan=make_plan,
             budget_bytes=None if budget is None else parse_bytes(budget),
             keep_caches=keep_caches,
+            views=views,
+            augment=augment,
             precision=precision,
             deterministic=deterministic,
             workers=workers,

@@ -123,25 +123,55 @@ def apply_views(
 
 def _resized_crop_boxes(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
     """(n, 4) boxes (top, left, height, width) as in the Inception crop: ten tries at a
-    random area and aspect ratio, else the whole image's centre at a clamped ratio."""
-    boxes = np.zeros((n, 4), np.int32)
-    area = h * w
-    for i in range(n):
-        for _ in range(10):
-            target = area * rng.uniform(*SCALE)
-            ratio = np.exp(rng.uniform(np.log(RATIO[0]), np.log(RATIO[1])))
-            bw = int(round(np.sqrt(target * ratio)))
-            bh = int(round(np.sqrt(target / ratio)))
-            if 0 < bw <= w and 0 < bh <= h:
-                boxes[i] = (rng.integers(0, h - bh + 1), rng.integers(0, w - bw + 1), bh, bw)
-                break
-        else:
-            ratio = w / h
-            if ratio < RATIO[0]:
-                bw, bh = w, int(round(w / RATIO[0]))
-            elif ratio > RATIO[1]:
-                bh, bw = h, int(round(h * RATIO[1]))
-            else:
-                bh, bw = h, w
-            boxes[i] = ((h - bh) // 2, (w - bw) // 2, bh, bw)
-    return boxes
+    random area and aspect ratio, else the centre at the ratio clamped to its range."""
+    tries = 10
+    area = h * w * rng.uniform(*SCALE, size=(n, tries))
+    ratio = np.exp(rng.uniform(np.log(RATIO[0]), np.log(RATIO[1]), size=(n, tries)))
+    bw = np.rint(np.sqrt(area * ratio)).astype(np.int64)
+    bh = np.rint(np.sqrt(area / ratio)).astype(np.int64)
+    fits = (bw > 0) & (bw <= w) & (bh > 0) & (bh <= h)
+    pick = fits.argmax(axis=1)
+    rows = np.arange(n)
+    bh, bw, found = bh[rows, pick], bw[rows, pick], fits[rows, pick]
+    top = (rng.uniform(size=n) * (h - bh + 1)).astype(np.int64)
+    left = (rng.uniform(size=n) * (w - bw + 1)).astype(np.int64)
+
+    # No fit in ten tries: the whole image's centre at the nearest allowed ratio.
+    if w / h < RATIO[0]:
+        fh, fw = int(round(w / RATIO[0])), w
+    elif w / h > RATIO[1]:
+        fh, fw = h, int(round(h * RATIO[1]))
+    else:
+        fh, fw = h, w
+    bh, bw = np.where(found, bh, fh), np.where(found, bw, fw)
+    top = np.where(found, top, (h - fh) // 2)
+    left = np.where(found, left, (w - fw) // 2)
+    return np.stack([top, left, bh, bw], axis=1).astype(np.int32)
+
+
+def augmentation_of(arch) -> Augmentation:
+    """The architecture's training augmentation."""
+    return Augmentation(arch.training.augmentation, arch.training.crop_padding)
+
+
+def black(info) -> torch.Tensor:
+    """A black pixel after the dataset's normalisation: what padding fills with."""
+    return -torch.tensor(info.mean, dtype=torch.float32) / torch.tensor(info.std)
+
+
+class FreshAugmentation:
+    """An image loader whose every batch gets a fresh random augmentation, drawn from the
+    seed, the epoch and the batch's index: the authors' way, with the trunk recomputed."""
+
+    def __init__(self, loader, aug: Augmentation, fill: torch.Tensor, seed: int, size):
+        self.loader, self.aug, self.fill, self.seed, self.size = loader, aug, fill, seed, size
+        self.num_samples = loader.num_samples
+        self.batch_size = loader.batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, start: int = 0):
+        for step, (x, y) in enumerate(self.loader.epoch(epoch, start), start=start):
+            params = fresh_views(self.aug, len(x), self.seed, epoch, step, self.size)
+            yield apply_views(self.aug, x, params, self.fill), y

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import fsspec
@@ -38,6 +38,13 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from pipeline.augment import (
+    FreshAugmentation,
+    apply_views,
+    augmentation_of,
+    black,
+    draw_views,
+)
 from pipeline.errors import CacheError, RunStateError
 from pipeline.loaders import FeatureLoader, ImageLoader
 from pipeline.progress import BarFactory, open_bar
@@ -79,6 +86,7 @@ class CacheSettings:
     scheduler: str | None = None
     lease_seconds: float = LEASE_SECONDS
     source: str = "cache"  # stage j's input, as train-layer's --source
+    views: int = 1  # views of each training sample: the sample, then augmented copies
     progress: BarFactory | None = None
 
 
@@ -311,6 +319,10 @@ def describe_input(desc: dict, j: int) -> str:
     if first < j:
         between = f"stage {first}" if first == j - 1 else f"stages {first}..{j - 1}"
         what += f", recomputing {between} on every batch"
+    if desc.get("augmentation"):
+        what += ", freshly augmented"
+    if desc.get("views", 1) > 1:
+        what += f", one of {desc['views']} views per chunk"
     return what
 
 
@@ -325,12 +337,14 @@ def stage_input(
     drop_last: bool = False,
     workers: int = 2,
     memory_budget: int = 8 << 30,
+    augment: bool = False,
 ):
     """The loader of stage j's input, and the frozen stages to apply to it (or None).
 
     The loader reads the images or a cached stage's features (see :func:`resolve_source`);
     the frozen stages between that input and stage j are returned as a trunk that the
-    caller runs on every batch.
+    caller runs on every batch. With ``augment``, images get a fresh augmentation every
+    batch, and features are read from one of the store's views per chunk and epoch.
     """
     first = resolve_source(run, j, source) + 1
     _check_input(run, j, first - 1)
@@ -347,9 +361,26 @@ def stage_input(
             drop_last=drop_last,
             workers=workers,
         )
-        return loader, trunk, {"kind": "images", "dataset_id": run.data.id, "recomputed": j}
+        desc = {"kind": "images", "dataset_id": run.data.id, "recomputed": j}
+        if augment:
+            aug = augmentation_of(run.arch)
+            _, h, w = run.arch.input_shape
+            loader = FreshAugmentation(loader, aug, black(run.data), seed, (h, w))
+            desc["augmentation"] = asdict(aug)
+        return loader, trunk, desc
 
     features, labels, manifest = open_features(run, first - 1, split)
+    views = manifest.get("views", 1) if augment and split == "train" else 1
+    if augment and views == 1:
+        log.warning(
+            "stage %d's cache holds one view per sample: training without augmentation "
+            "(write it with `cache-features --views V` for augmented views)",
+            first - 1,
+        )
+    if views > 1:
+        features = [features] + [
+            open_features(run, first - 1, f"{split}@{v}")[0] for v in range(1, views)
+        ]
     loader = FeatureLoader(
         features,
         labels,
@@ -360,7 +391,7 @@ def stage_input(
         drop_last=drop_last,
         memory_budget=memory_budget,
     )
-    desc = {"kind": "features", "stage": first - 1, "cache_id": manifest["id"]}
+    desc = {"kind": "features", "stage": first - 1, "cache_id": manifest["id"], "views": views}
     return loader, trunk, {**desc, "dtype": manifest["dtype"], "recomputed": j - first}
 
 
@@ -498,6 +529,8 @@ class _Job:
     lease_token: str
     fault: str | None
     input_stage: int = -1  # the cached stage read, or -1 for the images
+    view: int = 0  # which view of the data split this store split holds
+    data_split: str = ""  # the dataset's split ("train" for "train@2")
 
 
 def _parse_fault(value: str | None) -> str | None:
@@ -559,6 +592,8 @@ def manifest_id(manifest: dict) -> str:
         "codec",
         "splits",
         "input_stage",
+        "views",
+        "augmentation",
     )
     return hashlib.sha256(repr([manifest.get(k) for k in keys]).encode()).hexdigest()
 
@@ -597,6 +632,9 @@ def cache_features(settings: CacheSettings) -> dict:
     sample_bytes = int(np.prod(out_shape)) * np.dtype(settings.dtype).itemsize
     chunk = max(1, int(settings.chunk_mb * 2**20 // sample_bytes))
     splits = {s: run.data.count(s) for s in run.data.splits}
+    view_params = _views(run, settings, input_stage, splits)
+    for v in range(1, settings.views):
+        splits[f"train@{v}"] = splits["train"]
     manifest = {
         "format": CACHE_FORMAT,
         "stage": j,
@@ -608,13 +646,15 @@ def cache_features(settings: CacheSettings) -> dict:
         "batch_size": batch_size,
         "splits": splits,
         "input_stage": input_stage,
+        "views": settings.views,
+        "augmentation": asdict(augmentation_of(run.arch)) if settings.views > 1 else None,
         "complete": False,
     }
     manifest["id"] = manifest_id(manifest)
 
     with Lease(url, settings.lease_seconds) as lease:
         started = time.perf_counter()
-        missing = _prepare_store(url, manifest, settings)
+        missing = _prepare_store(url, manifest, settings, view_params)
         _check_space(url, j, manifest, missing, sample_bytes)
         with _cluster(settings, url) as client:
             _write_splits(settings, client, run, url, manifest, missing, lease, fault)
@@ -625,6 +665,7 @@ def cache_features(settings: CacheSettings) -> dict:
 
 def _write_splits(settings, client, run, url, manifest, missing, lease, fault) -> None:
     for split, n in manifest["splits"].items():
+        data_split, _, view = split.partition("@")
         job = _Job(
             run=run.root,
             j=manifest["stage"],
@@ -636,11 +677,15 @@ def _write_splits(settings, client, run, url, manifest, missing, lease, fault) -
             lease_token=lease.token,
             fault=fault,
             input_stage=manifest["input_stage"],
+            view=int(view or 0),
+            data_split=data_split,
         )
         _write_split(settings, client, job, missing[split], manifest["chunk_samples"], n, lease)
 
 
-def _prepare_store(url: str, manifest: dict, settings: CacheSettings) -> dict[str, list[int]]:
+def _prepare_store(
+    url: str, manifest: dict, settings: CacheSettings, view_params: np.ndarray | None = None
+) -> dict[str, list[int]]:
     """Open the store to resume it, or lay it out anew; return each split's unfinished chunks.
 
     A store from the same stage, lineage and layout is resumed: chunks whose record is
@@ -702,6 +747,8 @@ def _prepare_store(url: str, manifest: dict, settings: CacheSettings) -> dict[st
             fill_value=-1,
             overwrite=True,
         )
+    if view_params is not None:
+        group.create_array("train/view_params", data=view_params, overwrite=True)
     # Written last: a store without it is damaged and is replaced by the next run.
     group.attrs[MANIFEST_KEY] = manifest
     return {split: list(range(count)) for split, count in counts.items()}
@@ -879,10 +926,12 @@ def _write_region(job: _Job, first: int, stop_chunk: int, lease: Lease | None) -
     n, chunk = features.shape[0], features.chunks[0]
     start, stop = first * chunk, min(stop_chunk * chunk, n)
     loader = _region_input(run, job, start, stop)
+    augment = _view_augmenter(run, job, group, start, stop)
 
     pending = None
     with ThreadPoolExecutor(max_workers=1) as writer, torch.no_grad():
         for index, x, y in _chunks_of(loader, first, chunk, stop):
+            x = augment(x, index * chunk - start)
             out = torch.cat(
                 [stage(x[i : i + job.batch_size]) for i in range(0, len(x), job.batch_size)]
             )
@@ -897,6 +946,44 @@ def _write_region(job: _Job, first: int, stop_chunk: int, lease: Lease | None) -
         if pending is not None:
             pending.result()
     return stop - start
+
+
+def _views(run: Run, settings: CacheSettings, input_stage: int, splits: dict):
+    """The recorded augmentation of every view of the training split, (N, views, 5), or
+    None for one view; refused when the input store holds other views."""
+    if settings.views < 1:
+        raise CacheError(f"--views {settings.views}: give 1 (no augmentation) or more")
+    if settings.views == 1:
+        return None
+    aug = augmentation_of(run.arch)
+    if aug.kind == "none":
+        raise CacheError(
+            f"--views {settings.views} needs a training augmentation, and {run.arch.name}'s "
+            "is 'none'; set training.augmentation in the architecture, or use --views 1"
+        )
+    if "train" not in splits:
+        raise CacheError("--views needs a 'train' split in the dataset")
+    if input_stage != IMAGES:
+        below = read_manifest(store_url(run, input_stage)) or {}
+        if below.get("views", 1) != settings.views:
+            raise CacheError(
+                f"stage {input_stage}'s cache holds {below.get('views', 1)} view(s), not "
+                f"{settings.views}: the views of stage {settings.j} are computed from the same "
+                f"views below. Run `greedy-cli cache-features --run {run.root} --j "
+                f"{input_stage} --views {settings.views}` first"
+            )
+    _, h, w = run.arch.input_shape
+    return draw_views(aug, splits["train"], settings.views, run.seed, (h, w))
+
+
+def _view_augmenter(run: Run, job: _Job, group, start: int, stop: int):
+    """A function applying the recorded augmentation of ``job.view`` to input rows that
+    start at ``offset`` within the region; the identity when nothing is to be applied."""
+    if job.view == 0 or job.input_stage != IMAGES:
+        return lambda x, offset: x
+    params = np.asarray(group[f"{job.data_split}/view_params"][start:stop, job.view])
+    aug, fill = augmentation_of(run.arch), black(run.data)
+    return lambda x, offset: apply_views(aug, x, params[offset : offset + len(x)], fill)
 
 
 def _chunks_of(loader, first: int, chunk: int, stop: int) -> Iterator[tuple]:
@@ -972,7 +1059,7 @@ def _region_input(run: Run, job: _Job, start: int, stop: int):
     if job.input_stage == IMAGES:
         return ImageLoader(
             run.data,
-            job.split,
+            job.data_split or job.split,
             job.batch_size,
             run.arch.input_shape,
             indices=np.arange(start, stop),
@@ -1096,11 +1183,20 @@ def _recompute(run, manifest, stage, split, rows, batch_size, workers) -> np.nda
     between = frozen_between(run, input_stage + 1, j)
     if between is not None:
         stage = torch.nn.Sequential(between, stage)
+    data_split, _, view = split.partition("@")
     if input_stage == IMAGES:
         loader = ImageLoader(
-            run.data, split, batch_size, run.arch.input_shape, indices=rows, workers=workers
+            run.data, data_split, batch_size, run.arch.input_shape, indices=rows, workers=workers
         )
         inputs = (x for x, _ in loader.epoch(0))
+        if view:
+            group = _open_group(store_url(run, j), "r")
+            params = np.asarray(group[f"{data_split}/view_params"][:, int(view)])[rows]
+            aug, fill = augmentation_of(run.arch), black(run.data)
+            inputs = (
+                apply_views(aug, x, params[i * batch_size : i * batch_size + len(x)], fill)
+                for i, x in enumerate(inputs)
+            )
     else:
         below, _, _ = open_features(run, input_stage, split)
         x_all = below.get_orthogonal_selection((rows,)).astype(np.float32)

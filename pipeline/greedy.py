@@ -47,6 +47,8 @@ class RunSettings:
     plan: bool = False  # measure this machine and plan which stages to cache first
     budget_bytes: int | None = None  # with plan: the storage the caches may take
     keep_caches: bool = False  # with a plan: keep caches that nothing needs any more
+    views: int = 1  # views of each training sample in every cache
+    augment: bool = False  # train every stage augmented (implied by views > 1)
     progress: BarFactory | None = None
 
 
@@ -75,6 +77,7 @@ def run_greedy(settings: RunSettings) -> dict:
                     precision=settings.precision,
                     deterministic=settings.deterministic,
                     checkpoint_every=settings.checkpoint_every,
+                    augment=settings.augment or settings.views > 1,
                     **common,
                 ),
                 run,
@@ -83,7 +86,10 @@ def run_greedy(settings: RunSettings) -> dict:
 
         if _wants_cache(run, plan, settings, j):
             manifest = read_manifest(store_url(run, j)) or {}
-            if cache_state(run, j) == "current" and manifest.get("dtype") == settings.dtype:
+            wanted = manifest.get("dtype") == settings.dtype and (
+                manifest.get("views", 1) == settings.views
+            )
+            if cache_state(run, j) == "current" and wanted:
                 log.info("stage %d features are cached and current; skipping", j)
             else:
                 written = cache_features(
@@ -92,6 +98,7 @@ def run_greedy(settings: RunSettings) -> dict:
                         j=j,
                         dtype=settings.dtype,
                         source="cache" if plan is None else _planned_source(plan, j),
+                        views=settings.views,
                         **common,
                     )
                 )
@@ -122,6 +129,7 @@ def _plan(run: Run, settings: RunSettings) -> Plan | None:
                 preset=str(run.root / "arch.json"),
                 data=run.data.root,
                 budget_bytes=settings.budget_bytes,
+                views=settings.views,
                 dtype=settings.dtype,
                 run=run.root,
             )

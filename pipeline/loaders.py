@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from pipeline.augment import view_choice
 from pipeline.datasets import DatasetInfo
 from pipeline.errors import CacheError
 
@@ -120,6 +121,10 @@ class FeatureLoader:
     batches follow :func:`epoch_permutation` exactly. Otherwise whole chunks are read
     in a shuffled order by a read-ahead thread and samples are shuffled within a
     buffer of ``buffer_chunks`` chunks; the order still depends only on seed and epoch.
+
+    ``features`` may be a list of arrays, the views of the split. A shuffled epoch then
+    reads one view of every chunk, chosen by :func:`view_choice` from the seed, the
+    epoch and the chunk's position: the same bytes as an epoch of one view.
     """
 
     def __init__(
@@ -134,7 +139,10 @@ class FeatureLoader:
         buffer_chunks: int = 8,
         name: str = "features",
     ):
-        self.features = features
+        self.views = list(features) if isinstance(features, list | tuple) else [features]
+        features = self.features = self.views[0]
+        # A plain array is one chunk; a zarr array reads in its own chunks.
+        self.chunk = getattr(features, "chunks", (max(len(labels), 1),))[0]
         self.labels = np.asarray(labels, dtype=np.int64)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -143,11 +151,13 @@ class FeatureLoader:
         self.num_samples = features.shape[0]
         self.buffer_chunks = buffer_chunks
         self.name = name
-        nbytes = int(np.prod(features.shape)) * features.dtype.itemsize
+        nbytes = int(np.prod(features.shape)) * features.dtype.itemsize * len(self.views)
         self._in_memory = None
         if nbytes <= memory_budget:
             log.info("holding %.1f MB of features in memory", nbytes / 1e6)
-            self._in_memory = self._read(0, self.num_samples)
+            held = [self._read(0, self.num_samples, v) for v in self.views]
+            # One view is kept as read (no copy); several are stacked as (views, N, ...).
+            self._in_memory = held[0][None] if len(held) == 1 else np.stack(held)
 
     @property
     def in_memory(self) -> bool:
@@ -169,17 +179,25 @@ class FeatureLoader:
         for start in range(0, stop, self.batch_size):
             yield order[start : start + self.batch_size]
 
+    def _view_of_chunks(self, epoch: int) -> np.ndarray:
+        """The view each chunk is read from this epoch; view 0 when not shuffling."""
+        count = -(-self.num_samples // self.chunk)
+        if not self.shuffle:
+            return np.zeros(count, np.int64)
+        return view_choice(count, len(self.views), self.seed, epoch)
+
     def _from_memory(self, epoch: int) -> Iterator[Batch]:
         if self.shuffle:
             order = epoch_permutation(self.num_samples, self.seed, epoch)
         else:
             order = np.arange(self.num_samples)
+        view = self._view_of_chunks(epoch)[np.arange(self.num_samples) // self.chunk]
         for idx in self._batches(order):
-            x = torch.from_numpy(self._in_memory[idx])
+            x = torch.from_numpy(self._in_memory[view[idx], idx])
             yield x.float(), torch.from_numpy(self.labels[idx])
 
     def _from_chunks(self, epoch: int) -> Iterator[Batch]:
-        chunk = self.features.chunks[0]
+        chunk = self.chunk
         starts = np.arange(0, self.num_samples, chunk)
         rng = np.random.default_rng([self.seed, epoch])
         if self.shuffle:
@@ -188,8 +206,9 @@ class FeatureLoader:
         # Shuffle blocks of at least buffer_chunks chunks and one batch; a partial batch
         # carries over to the next block.
         block = max(self.buffer_chunks * chunk, self.batch_size)
+        views = self._view_of_chunks(epoch)
         xs, ys, held = [], [], 0
-        for x, y in self._read_ahead(starts, chunk):
+        for x, y in self._read_ahead(starts, chunk, views):
             xs.append(x)
             ys.append(y)
             held += len(y)
@@ -207,7 +226,9 @@ class FeatureLoader:
                 )
             yield from self._slices(x, y)
 
-    def _read_ahead(self, starts: np.ndarray, chunk: int) -> Iterator[tuple[np.ndarray, ...]]:
+    def _read_ahead(
+        self, starts: np.ndarray, chunk: int, views: np.ndarray
+    ) -> Iterator[tuple[np.ndarray, ...]]:
         """Whole chunks in the order of ``starts``, read by a thread one chunk ahead.
 
         A read error is raised here; leaving the loop early stops the thread.
@@ -228,7 +249,8 @@ class FeatureLoader:
             try:
                 for s in starts:
                     end = min(s + chunk, self.num_samples)
-                    rows = self._read(s, end, every_value=False)
+                    array = self.views[views[s // chunk]]
+                    rows = self._read(s, end, array, every_value=False)
                     if not offer((rows, self.labels[s:end])):
                         return
                 offer(None)
@@ -246,15 +268,16 @@ class FeatureLoader:
             stop.set()
             thread.join()
 
-    def _read(self, start: int, stop: int, every_value: bool = True) -> np.ndarray:
+    def _read(self, start: int, stop: int, array=None, every_value: bool = True) -> np.ndarray:
         """Rows start..stop, refusing rows that were never written (they read as NaN).
 
         The store's writer refuses non-finite values, so a NaN marks a missing chunk,
         whose every value is NaN: without ``every_value`` only each row's first value is
         checked, which keeps the check out of the way of a streaming epoch.
         """
+        array = self.features if array is None else array
         try:
-            rows = np.asarray(self.features[start:stop])
+            rows = np.asarray(array[start:stop])
         except Exception as err:  # noqa: BLE001 - a damaged chunk fails in codec-specific ways
             raise CacheError(
                 f"{self.name}: rows {start}..{stop} cannot be read ({type(err).__name__}: {err}); "

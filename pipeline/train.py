@@ -19,6 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from pipeline import checkpoints
+from pipeline.augment import FreshAugmentation
 from pipeline.cache import check_source, describe_input, stage_input
 from pipeline.errors import GreedyError, RunStateError
 from pipeline.loaders import ImageLoader
@@ -46,6 +47,7 @@ class TrainSettings:
     max_steps: int | None = None
     workers: int = 2
     memory_budget: int = 8 << 30
+    augment: bool = False  # fresh augmentation of images, or a view per chunk of a cache
     resume: bool = False
     restart: bool = False
     checkpoint_every: int = 1000
@@ -130,8 +132,7 @@ def train_layer(settings: TrainSettings, run: Run | None = None) -> TrainResult:
 
 def _train(run: Run, j: int, settings: TrainSettings, spec, epochs: int, folder: Path):
     # Input: the images or a cached stage's features, and the frozen stages in between.
-    # TODO: the paper's random crops and flips need augmented views in the cache; until
-    # then every stage trains on un-augmented inputs, in every source.
+    # With augment: fresh random crops and flips of images, or a cached view per chunk.
     loader, trunk, input_desc = stage_input(
         run,
         j,
@@ -143,6 +144,7 @@ def _train(run: Run, j: int, settings: TrainSettings, spec, epochs: int, folder:
         drop_last=True,
         workers=settings.workers,
         memory_budget=settings.memory_budget,
+        augment=settings.augment,
     )
     if len(loader) == 0:
         raise GreedyError(
@@ -364,7 +366,7 @@ def _resolve(settings: TrainSettings, folder: Path) -> TrainSettings:
 
 def _batches(loader, epoch: int, start: int):
     """The batches of ``epoch`` from batch ``start`` on."""
-    if isinstance(loader, ImageLoader):
+    if isinstance(loader, ImageLoader | FreshAugmentation):
         return loader.epoch(epoch, start)
     # Feature batches depend on the whole epoch's read order: read and drop the first ones.
     return islice(loader.epoch(epoch), start, None)

@@ -41,6 +41,10 @@ class TrainSpec:
     weight_decay: float = 5e-4
     lr_drops: tuple[float, ...] = (0.3, 0.6, 0.9)
     lr_factor: float = 0.2
+    # The training augmentation, used when a run asks for it (views or fresh augmentation):
+    # "none", "crop-flip" (pad ``crop_padding``, random crop, flip) or "resized-crop".
+    augmentation: str = "none"
+    crop_padding: int = 4
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,18 @@ def _validate(arch: Architecture) -> None:
         "an integer of at least 2",
     )
     _require(len(arch.stages) >= 1, "stages", [], "a list of at least one stage")
+    _require(
+        arch.training.augmentation in ("none", "crop-flip", "resized-crop"),
+        "training.augmentation",
+        arch.training.augmentation,
+        "'none', 'crop-flip' or 'resized-crop'",
+    )
+    _require(
+        _is_int(arch.training.crop_padding) and arch.training.crop_padding >= 0,
+        "training.crop_padding",
+        arch.training.crop_padding,
+        "a non-negative integer",
+    )
     _, h, w = shape
     for j, spec in enumerate(arch.stages):
         where = f"stages[{j}]"

@@ -13,6 +13,8 @@ CIFAR_TRAINING = {
     "weight_decay": 5e-4,
     "lr_drops": [0.3, 0.6, 0.9],  # lr / 5 after epochs 15, 30, 45 of 50
     "lr_factor": 0.2,
+    "augmentation": "crop-flip",  # pad 4, random 32x32 crop, horizontal flip
+    "crop_padding": 4,
 }
 
 IMAGENET_TRAINING = {
@@ -23,6 +25,7 @@ IMAGENET_TRAINING = {
     "weight_decay": 1e-4,
     "lr_drops": [20 / 45, 40 / 45],  # lr / 10 after epochs 20 and 40 of 45
     "lr_factor": 0.1,
+    "augmentation": "resized-crop",
 }
 
 
@@ -39,7 +42,7 @@ def _stages(widths, downsample_at, batch_norm, k, head_widths=None):
     ]
 
 
-FMNIST_TRAINING = {**CIFAR_TRAINING, "epochs": 6}
+FMNIST_TRAINING = {**CIFAR_TRAINING, "epochs": 6, "crop_padding": 2}
 
 PRESETS: dict[str, dict] = {
     "fmnist": {

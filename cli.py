@@ -81,9 +81,17 @@ deterministic_option = click.option(
     show_default=True,
     help="Storage dtype for the cached-bytes column.",
 )
-def describe(preset: str, dtype: str) -> None:
+@click.option(
+    "--views",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Views per training sample, for the cached-bytes column.",
+)
+def describe(preset: str, dtype: str, views: int) -> None:
     """Shapes, parameters, multiply-adds and cached bytes of each stage of PRESET
-    (a preset name or an architecture JSON file)."""
+    (a preset name or an architecture JSON file); with --views V, a training sample's
+    cached bytes count its V views."""
     from stages import load_architecture
 
     arch = load_architecture(preset)
@@ -104,7 +112,7 @@ def describe(preset: str, dtype: str) -> None:
         "head params",
         "MACs/sample",
         "head MACs",
-        f"cached ({dtype})",
+        f"cached ({dtype})" if views == 1 else f"cached ({dtype}, {views} views)",
     )
     table = [
         (
@@ -119,7 +127,7 @@ def describe(preset: str, dtype: str) -> None:
             f"{r.head_params:,}",
             _si(r.stage_macs),
             _si(r.head_macs),
-            _bytes(r.cached_bytes),
+            _bytes(r.cached_bytes * views),
         )
         for r in rows
     ]

@@ -154,3 +154,10 @@ def test_each_chunk_is_read_from_the_view_the_epoch_chooses(view_run):
             chosen = [[i for i, v in lookup[row] if v == want[i // chunk]] for row in rows]
             assert all(len(c) == 1 for c in chosen), (epoch, budget)
             assert sorted(c[0] for c in chosen) == list(range(512))
+
+
+def test_describe_counts_views():
+    one = ok("describe", "fmnist").output
+    four = ok("describe", "fmnist", "--views", "4").output
+    assert "cached (float16)" in one and "24.5 KiB" in one
+    assert "cached (float16, 4 views)" in four and "98.0 KiB" in four

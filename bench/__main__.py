@@ -11,7 +11,7 @@ import time
 
 from bench.common import save
 
-BENCHMARKS = ("prepare", "loader")
+BENCHMARKS = ("prepare", "loader", "stage_step")
 
 
 def main(argv: list[str] | None = None) -> int:

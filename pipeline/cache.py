@@ -835,7 +835,9 @@ def _write_split(
         return
     # On a cluster a region is one task. In this process each run of consecutive chunks
     # is one region: a new image loader compiles its pipeline again, which costs seconds.
-    per_region = max(1, int(settings.region_mb // settings.chunk_mb)) if client else len(missing)
+    per_region = len(missing)
+    if client is not None:
+        per_region = max(1, int(settings.region_mb // settings.chunk_mb))
     regions = _regions(missing, per_region)
     rows = sum(min(chunk, n - i * chunk) for i in missing)
     bar = open_bar(settings.progress, rows, f"cache stage {job.j} {job.split}", "img")

@@ -93,7 +93,7 @@ def measure(preset: str, data: Path, steps: int, root: Path) -> list[dict]:
 
 def run(small: bool = False, data: Path | None = None) -> dict:
     data = data or Path("data/fashion-mnist")
-    with tempfile.TemporaryDirectory(dir=".") as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         rows = measure("fmnist", data, 10 if small else 50, Path(tmp))
     return {"data": str(data), "warmup_steps": WARMUP, "stages": rows}
 

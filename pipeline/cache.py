@@ -196,7 +196,19 @@ def cache_state(run: Run, j: int) -> str:
         return "incomplete"
     if manifest["lineage"] != run.lineage(j + 1):
         return "stale"
+    if not _arrays_present(store_url(run, j), manifest):
+        return "damaged"
     return "current"
+
+
+def _arrays_present(url: str, manifest: dict) -> bool:
+    """Whether every split's features and labels arrays still have their metadata."""
+    store = _Store(url)
+    keys = [f"{split}/{name}/zarr.json" for split in manifest["splits"] for name in ARRAYS]
+    return all(store.fs.exists(store.path(key)) for key in keys)
+
+
+ARRAYS = ("features", "labels")
 
 
 def cache_ids(run: Run) -> list[str | None]:
@@ -225,7 +237,10 @@ def open_features(run: Run, j: int, split: str) -> tuple[zarr.Array, np.ndarray,
             f"(a stage at or below {j} was retrained, or the store's format differs); run {redo}"
         )
     if state == "damaged":
-        raise CacheError(f"the cache {url} is damaged (its manifest is unreadable); run {redo}")
+        raise CacheError(
+            f"the cache {url} is damaged (its manifest is unreadable or an array is missing); "
+            f"run {redo}"
+        )
     if state == "unsupported":
         fmt = read_manifest(url).get("format")
         raise CacheError(
@@ -265,7 +280,9 @@ SOURCE_HELP = (
 
 def resolve_source(run: Run, j: int, source: str) -> int:
     """The stage whose features stage j reads (IMAGES for the images) under ``source``."""
-    if source == "recompute" or j == 0:
+    if source == "recompute":
+        return IMAGES
+    if source in ("cache", "nearest") and j == 0:
         return IMAGES
     if source == "cache":
         return j - 1
@@ -276,10 +293,8 @@ def resolve_source(run: Run, j: int, source: str) -> int:
         raise ValueError(f"source {source!r} is not one of {SOURCE_HELP}")
     i = int(match.group(1))
     if i >= j:
-        raise RunStateError(
-            f"stage {j} cannot read the features of stage {i}: give a stage below {j} "
-            f"(--source cache:{j - 1} at most)"
-        )
+        below = f"a stage below {j} (--source cache:{j - 1} at most)" if j else "'recompute'"
+        raise RunStateError(f"stage {j} cannot read the features of stage {i}: give {below}")
     return i
 
 
@@ -702,6 +717,10 @@ def _prepare_store(
     counts = {s: -(-n // chunk) for s, n in manifest["splits"].items()}
     ndim = 1 + len(manifest["shape"])
     if isinstance(old, dict) and old.get("id") == manifest["id"]:
+        if not _arrays_present(url, old):
+            log.warning("%s lacks some of its arrays; writing it anew", url)
+            old = {"splits": old.get("splits", {})}
+    if isinstance(old, dict) and old.get("id") == manifest["id"]:
         group = _open_group(url, "r+")
         # Incomplete from here on, until the commit.
         group.attrs[MANIFEST_KEY] = {**manifest, "complete": False}
@@ -722,6 +741,7 @@ def _prepare_store(
             )
         return missing
 
+    _refuse_losing_work(url, old, manifest)
     if old is not None:
         log.info("replacing %s: it was written for other weights, input or layout", url)
     for key in ("zarr.json", RECORDS, *manifest["splits"], *(old or {}).get("splits", {})):
@@ -752,6 +772,55 @@ def _prepare_store(
     # Written last: a store without it is damaged and is replaced by the next run.
     group.attrs[MANIFEST_KEY] = manifest
     return {split: list(range(count)) for split, count in counts.items()}
+
+
+LAYOUT_OPTIONS = {
+    "dtype": "--dtype",
+    "chunk_samples": "--chunk-mb",
+    "codec": "--codec/--clevel",
+    "batch_size": "--batch-size",
+}
+
+
+def _refuse_losing_work(url: str, old, manifest: dict) -> None:
+    """Refuse to replace an unfinished store of the same weights and input that differs
+    only in layout options: rerunning with its options resumes it instead."""
+    if not isinstance(old, dict) or old.get("complete") or old.get("format") != CACHE_FORMAT:
+        return
+    same = ("stage", "lineage", "input_stage", "views", "splits")
+    if any(old.get(k) != manifest.get(k) for k in same):
+        return
+    differs = [k for k in LAYOUT_OPTIONS if old.get(k) != manifest.get(k)]
+    if not differs:
+        return
+    raise CacheError(
+        f"{url} is an unfinished store of these weights written with other "
+        f"{', '.join(LAYOUT_OPTIONS[k] for k in differs)} ({resume_options(old)}); rerun with "
+        "those options to resume it, or remove the store to start again with new ones"
+    )
+
+
+def resume_options(manifest: dict) -> str:
+    """The cache-features options that reproduce a store's layout."""
+    # Half a sample over the chunk, so that the writer's rounding down gives it back.
+    chunk_mb = (manifest["chunk_samples"] + 0.5) * _sample_bytes(manifest) / 2**20
+    codec = manifest.get("codec") or {}
+    options = [
+        f"--dtype {manifest['dtype']}",
+        f"--chunk-mb {chunk_mb:.9g}",
+        f"--codec {codec.get('name', 'zstd')} --clevel {codec.get('level', 1)}",
+        f"--batch-size {manifest['batch_size']}",
+    ]
+    if manifest.get("input_stage", manifest["stage"] - 1) != manifest["stage"] - 1:
+        source = manifest["input_stage"]
+        options.append("--source " + ("recompute" if source < 0 else f"cache:{source}"))
+    if manifest.get("views", 1) > 1:
+        options.append(f"--views {manifest['views']}")
+    return " ".join(options)
+
+
+def _sample_bytes(manifest: dict) -> int:
+    return int(np.prod(manifest["shape"])) * np.dtype(manifest["dtype"]).itemsize
 
 
 def _chunk_problem(store: _Store, split: str, index: int, ndim: int) -> str | None:
@@ -847,7 +916,7 @@ def _write_split(
         else:
             for region in regions:
                 lease.check()
-                bar.update(_write_region(job, region[0], region[-1] + 1, lease))
+                _write_region(job, region[0], region[-1] + 1, lease, on_chunk=bar.update)
     finally:
         bar.close()
 
@@ -910,7 +979,9 @@ def _write_on_cluster(client, job: _Job, regions: list[list[int]], bar, lease) -
         lease.check()
 
 
-def _write_region(job: _Job, first: int, stop_chunk: int, lease: Lease | None) -> int:
+def _write_region(
+    job: _Job, first: int, stop_chunk: int, lease: Lease | None, on_chunk=None
+) -> int:
     """Compute chunks first..stop_chunk-1 of a split and write them; return the row count.
 
     Each chunk's outputs are computed in batches that start at the chunk's first row, so
@@ -945,6 +1016,8 @@ def _write_region(job: _Job, first: int, stop_chunk: int, lease: Lease | None) -
             pending = writer.submit(
                 _write_chunk, job, store, features, labels, index, out, y.numpy(), lease
             )
+            if on_chunk is not None:
+                on_chunk(len(y))
         if pending is not None:
             pending.result()
     return stop - start

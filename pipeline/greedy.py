@@ -56,6 +56,14 @@ def run_greedy(settings: RunSettings) -> dict:
     """Train, cache and evaluate every stage. With a plan (``RUN/plan.json``, or made
     first with ``settings.plan``), each stage reads the input the plan gives it, only the
     planned stages are cached, and a cache is deleted once nothing needs it."""
+    if settings.budget_bytes is not None and not settings.plan:
+        # Refused before the run directory is made or touched.
+        if not (Path(settings.run) / PLAN_FILE).exists():
+            raise PlanError(
+                "a storage budget needs a plan: pass --plan with --budget, or make one with "
+                f"`greedy-cli plan {settings.preset} --data {settings.data} --run {settings.run} "
+                "--budget ...`"
+            )
     run = Run.open(settings.run, settings.preset, settings.data, settings.seed)
     common = {"workers": settings.workers, "progress": settings.progress}
     plan = _plan(run, settings)
@@ -137,18 +145,14 @@ def _plan(run: Run, settings: RunSettings) -> Plan | None:
         log.info("planned: cache stages %s, predicted %.0f s", list(made.cached), made.predicted_s)
         return made
     if not path.exists():
-        if settings.budget_bytes is not None:
-            raise PlanError(
-                f"a storage budget needs a plan: pass --plan, or make one with "
-                f"`greedy-cli plan {run.arch.name} --data {run.data.root} --run {run.root} "
-                "--budget ...`"
-            )
         return None
     plan = Plan.load(path)
-    if len(plan.stages) != run.arch.depth:
+    if len(plan.stages) != run.arch.depth or plan.preset != run.arch.name:
         raise PlanError(
-            f"{path} plans {len(plan.stages)} stages, the run has {run.arch.depth}; make the "
-            f"plan again with `greedy-cli plan {run.arch.name} --run {run.root}`"
+            f"{path} plans {plan.preset} ({len(plan.stages)} stages), the run trains "
+            f"{run.arch.name} ({run.arch.depth}); make the "
+            f"plan again with `greedy-cli plan {run.root / 'arch.json'} --data {run.data.root} "
+            f"--run {run.root}`"
         )
     log.info("following %s: cache stages %s", path, list(plan.cached))
     return plan
@@ -173,9 +177,19 @@ def _wants_cache(run: Run, plan: Plan | None, settings: RunSettings, j: int) -> 
 
 def _report_plan(run: Run, plan: Plan, measured: dict[int, dict]) -> None:
     """Predicted against measured seconds per stage, logged and kept in the run."""
+    # A rerun that skips a stage keeps the times measured when it was done.
+    path = run.root / "plan-report.json"
+    try:
+        before = {r["stage"]: r for r in json.loads(path.read_text())["stages"]}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        before = {}
     rows = []
     for s in plan.stages:
-        got = measured.get(s.j, {})
+        old = before.get(s.j, {})
+        got = {
+            "train_s": measured.get(s.j, {}).get("train_s", old.get("measured_train_s")),
+            "cache_s": measured.get(s.j, {}).get("cache_s", old.get("measured_cache_s")),
+        }
         rows.append(
             {
                 "stage": s.j,
@@ -203,7 +217,7 @@ def _report_plan(run: Run, plan: Plan, measured: dict[int, dict]) -> None:
         log.info(
             "run: predicted %.0f s, measured %.0f s (%.2fx)", predicted, total, total / predicted
         )
-    (run.root / "plan-report.json").write_text(json.dumps(report, indent=1))
+    path.write_text(json.dumps(report, indent=1))
 
 
 def _secs(value) -> str:

@@ -26,6 +26,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -167,13 +168,13 @@ def rates_from_figures(
 ) -> Rates:
     """Rates from a machine's figures: a training step costs three forward passes."""
     for name, value in (
-        ("macs_per_s", macs_per_s),
-        ("images_per_s", images_per_s),
-        ("read_mb_s", read_mb_s),
-        ("write_mb_s", write_mb_s),
+        ("--macs-per-s", macs_per_s),
+        ("--images-per-s", images_per_s),
+        ("--read-mb-s", read_mb_s),
+        ("--write-mb-s", write_mb_s),
     ):
-        if not value > 0:
-            raise PlanError(f"{name} must be positive, got {value!r}")
+        if not (value > 0 and math.isfinite(value)):
+            raise PlanError(f"{name} must be a positive finite number, got {value!r}")
     costs = arch.costs()
     return Rates(
         stage_forward_s=tuple(c.stage_macs / macs_per_s for c in costs),
@@ -447,8 +448,9 @@ def plan(settings: PlanSettings) -> Plan:
         )
     elif any(f is not None for f in figures):
         raise PlanError(
-            "give all of --macs-per-s, --images-per-s, --read-mb-s and --write-mb-s to plan "
-            "from figures, or none of the first and last three to measure this machine"
+            "give all four of --macs-per-s, --images-per-s, --read-mb-s and --write-mb-s to "
+            "plan from figures; to measure this machine, give none of them (or only "
+            "--images-per-s)"
         )
     else:
         if settings.images_per_s is not None:

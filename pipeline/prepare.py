@@ -92,6 +92,7 @@ class PrepareReport:
 def prepare(settings: PrepareSettings) -> tuple[DatasetInfo, PrepareReport]:
     """Read the source, write ``<split>.beton`` files, ``labels.json`` and ``dataset.json``."""
     _check_settings(settings)
+    _refuse_existing(settings.out, settings.overwrite)
     started = time.perf_counter()
     labels, splits = read_source(SourceSettings(settings.dataset, settings.src, settings.devkit))
     splits = _split_holdout(splits, settings.holdout, settings.seed)
@@ -116,6 +117,9 @@ def prepare(settings: PrepareSettings) -> tuple[DatasetInfo, PrepareReport]:
     for name, scan in scans.items():
         _account(report, splits[name], scan)
     _refuse_bad(report, settings)
+    report.bytes_read += sum(
+        int(split.images.nbytes) for split in splits.values() if isinstance(split, ArraySplit)
+    )
     for name, split in splits.items():
         # Each writer process fills pages of its own: up to one page each left part empty.
         padding = settings.workers * settings.page_size
@@ -179,13 +183,17 @@ def _check_settings(settings: PrepareSettings) -> None:
         )
 
 
-def _claim_out(out: Path, overwrite: bool) -> None:
-    """Make ``out`` ready; a prepared dataset there is replaced only when asked."""
+def _refuse_existing(out: Path, overwrite: bool) -> None:
     if (out / "dataset.json").exists() and not overwrite:
         raise DataError(
             f"{out} already holds a prepared dataset; runs made from it would lose their "
             "data. Choose another --out, or pass --overwrite to replace it"
         )
+
+
+def _claim_out(out: Path, overwrite: bool) -> None:
+    """Make ``out`` ready; a prepared dataset there is replaced only when asked."""
+    _refuse_existing(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     # Until the new dataset.json is written, the folder holds no dataset at all.
     (out / "dataset.json").unlink(missing_ok=True)
@@ -269,6 +277,7 @@ def _scan(name: str, split: FileSplit, pool, settings: PrepareSettings) -> Split
 
 def _account(report: PrepareReport, split: FileSplit, scan: SplitScan) -> None:
     report.skipped += scan.bad
+    known = len(report.misnamed)
     for path_index, image in zip(scan.good, scan.reports, strict=True):
         report.bytes_read += image.nbytes
         if image.mode != "RGB":
@@ -278,7 +287,7 @@ def _account(report: PrepareReport, split: FileSplit, scan: SplitScan) -> None:
             report.misnamed.append((str(path), image.format))
     for suffix, count in split.ignored.items():
         report.ignored[suffix] = report.ignored.get(suffix, 0) + count
-    for path, real in report.misnamed[-5:]:
+    for path, real in report.misnamed[known : known + 5]:
         log.info("%s is a %s file despite its name; read as %s", path, real, real)
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import checkpoints
-from pipeline.cache import cache_ids, cache_state, read_manifest
+from pipeline.cache import cache_ids, cache_state, read_manifest, resume_options, store_url
 from pipeline.rundir import Run, read_json
 from pipeline.train import checkpoint_folder
 
@@ -42,7 +42,7 @@ def run_status(root: Path) -> RunStatus:
                 j=j,
                 trained=trained,
                 cache=cache,
-                verified=_verified(run, j) if cache == "current" else "",
+                verified=_verified(run, j) if cache in ("current", "incomplete") else "",
                 checkpoint=_checkpoint(run, j),
             )
         )
@@ -65,7 +65,7 @@ def run_status(root: Path) -> RunStatus:
 
 def _verified(run: Run, j: int) -> str:
     """The store's own check, written by ``cache-features --verify``, if it was run."""
-    check = (read_manifest(run.features_path(j)) or {}).get("verified")
+    check = (read_manifest(store_url(run, j)) or {}).get("verified")
     if not isinstance(check, dict):
         return ""
     return "verified" if check.get("ok") is True else "failed"
@@ -86,7 +86,11 @@ def _next_command(run: Run, stages: list[StageStatus], evaluated: str) -> str | 
         if s.trained != "current":
             return f"greedy-cli train-layer --run {run.root} --j {s.j}"
         if s.j < last and s.cache != "current" and stages[s.j + 1].trained != "current":
-            return f"greedy-cli cache-features --run {run.root} --j {s.j}"
+            command = f"greedy-cli cache-features --run {run.root} --j {s.j}"
+            if s.cache == "incomplete":
+                # Resuming needs the options the store was started with.
+                command += " " + resume_options(read_manifest(store_url(run, s.j)))
+            return command
     if evaluated != "current":
         return f"greedy-cli eval --run {run.root}"
     return None

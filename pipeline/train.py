@@ -182,7 +182,15 @@ def _train(run: Run, j: int, settings: TrainSettings, spec, epochs: int, folder:
     }
     progress = _Progress()
     if settings.resume:
-        progress = _resume(folder, fingerprint, stage, head, optimizer, scaler) or progress
+        resumed = _resume(folder, fingerprint, stage, head, optimizer, scaler)
+        if resumed is None and run.stage_current(j):
+            # Training from the start would overwrite the stage's good weights.
+            raise RunStateError(
+                f"stage {j} is trained and current, and {folder} holds no usable checkpoint "
+                "(damaged ones are set aside as *.damaged); leave out --resume to train it "
+                "again from the start"
+            )
+        progress = resumed or progress
     elif settings.restart:
         removed = checkpoints.remove_checkpoints(folder)
         log.info("stage %d: %d checkpoint(s) removed; training from the start", j, removed)
@@ -548,7 +556,7 @@ def _warn_precision_hardware(precision: str) -> None:
     if precision == "fp16":
         log.warning(
             "fp16 on CPU: torch %s trains correctly but far slower than fp32 (measured in "
-            "docs/training.md); fp16 is meant for GPUs, use bf16 or fp32 on CPU",
+            "docs/training.md); fp16 is meant for GPUs, use fp32 on CPU",
             torch.__version__,
         )
 

@@ -44,7 +44,7 @@ def store_bytes(url: str) -> dict[str, bytes]:
     root = root.rstrip("/")
     files = {p[len(root) + 1 :]: fs.cat_file(p) for p in fs.find(root)}
     manifest = json.loads(files.pop("zarr.json"))
-    manifest["attributes"][MANIFEST_KEY].pop("seconds")
+    manifest["attributes"][MANIFEST_KEY].pop("seconds", None)
     files["zarr.json"] = json.dumps(manifest, sort_keys=True).encode()
     return files
 
@@ -326,3 +326,33 @@ def test_reader_refuses_a_missing_chunk_streamed_or_in_memory(run, budget):
         loader = FeatureLoader(features, labels, 32, shuffle=True, memory_budget=budget)
         for _ in loader.epoch(0):
             pass
+
+
+def test_unfinished_store_is_kept_when_the_options_differ(run, reference, monkeypatch):
+    """Rerunning with the default options an unfinished store started with others must not
+    throw its chunks away; the refusal gives the options, and status the full command."""
+    from pipeline.status import run_status
+
+    monkeypatch.setenv(FAULT_ENV, "train:9:mid")
+    with pytest.raises(InjectedFault):
+        cache_features(settings(run))
+    monkeypatch.delenv(FAULT_ENV)
+    before = store_bytes(str(run.features_path(0)))
+    with pytest.raises(CacheError, match=r"unfinished store .* other --chunk-mb .*--chunk-mb"):
+        cache_features(CacheSettings(run=run.root, j=0))
+    assert store_bytes(str(run.features_path(0))) == before
+
+    command = run_status(run.root).next_command
+    assert command.startswith(f"greedy-cli cache-features --run {run.root} --j 0 --dtype float16")
+    chunk_mb = float(command.split("--chunk-mb ")[1].split()[0])
+    cache_features(CacheSettings(run=run.root, j=0, chunk_mb=chunk_mb))
+    assert store_bytes(str(run.features_path(0))) == reference
+
+
+def test_store_missing_an_array_is_damaged_and_rewritten(run, reference):
+    cache_features(settings(run))
+    shutil.rmtree(run.features_path(0) / "train" / "labels")
+    assert cache_state(run, 0) == "damaged"
+    cache_features(settings(run))
+    assert cache_state(run, 0) == "current"
+    assert store_bytes(str(run.features_path(0))) == reference

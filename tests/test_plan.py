@@ -141,7 +141,9 @@ def test_plan_command_overlap_reaches_the_rates(tmp_path):
 def test_plan_command_refuses_partial_figures():
     result = CliRunner().invoke(main, ["plan", "fmnist", "--samples", "100", "--macs-per-s", "1e9"])
     assert result.exit_code == 1
-    assert "give all of --macs-per-s, --images-per-s, --read-mb-s and --write-mb-s" in result.output
+    assert "give all four of --macs-per-s, --images-per-s, --read-mb-s and --write-mb-s" in (
+        result.output
+    )
 
 
 def test_overlapped_loading_costs_the_larger_of_load_and_compute():

@@ -97,6 +97,8 @@ def test_keep_caches_and_a_rerun_that_needs_nothing(tmp_path, tiny_data, runs):
     ok("run", arch, "--data", tiny_data, "--run", run_dir, "--keep-caches")
     after = sorted(p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file())
     assert before == after  # nothing needed it, nothing rewrote it
+    report = json.loads((run_dir / "plan-report.json").read_text())
+    assert all(r["measured_train_s"] is not None for r in report["stages"])
     assert (run_dir / "stage_2/weights.pt").stat().st_mtime_ns == weights_before
     ok("run", arch, "--data", tiny_data, "--run", run_dir)
     assert not store.exists()
@@ -108,6 +110,10 @@ def test_train_layer_sources(tmp_path, tiny_data, runs):
         main, ["train-layer", "--run", str(full), "--j", "1", "--source", "cache:1"]
     )
     assert result.exit_code == 1 and "cannot read the features of stage 1" in result.output
+    result = CliRunner().invoke(
+        main, ["train-layer", "--run", str(full), "--j", "0", "--source", "cache:0"]
+    )
+    assert result.exit_code == 1 and "give 'recompute'" in result.output
     result = CliRunner().invoke(
         main, ["train-layer", "--run", str(full), "--j", "1", "--source", "somewhere"]
     )
@@ -136,3 +142,22 @@ def test_cache_from_the_images_matches_the_chained_cache(tmp_path, runs):
     b = direct["test/features"][:].astype(np.float64)
     assert np.abs(a - b).max() <= 2e-3 * np.abs(a).max()  # measured: 8e-4
     ok("cache-features", "--run", copy, "--j", 1, "--verify")
+
+
+def test_resume_with_only_damaged_checkpoints_keeps_the_trained_stage(tmp_path, runs):
+    import shutil
+
+    full, _, _ = runs
+    copy = tmp_path / "copy"
+    shutil.copytree(full, copy)
+    weights = (copy / "stage_2/weights.pt").read_bytes()
+    folder = copy / "stage_2/checkpoints"
+    folder.mkdir()
+    (folder / "step_000000050.json").write_text("not json")
+    (folder / "step_000000050.pt").write_bytes(b"junk")
+    result = CliRunner().invoke(
+        main, ["train-layer", "--run", str(copy), "--j", "2", "--resume", "--steps", "3"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "holds no usable checkpoint" in result.output
+    assert (copy / "stage_2/weights.pt").read_bytes() == weights

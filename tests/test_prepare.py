@@ -405,3 +405,18 @@ def test_file_cut_after_the_scan_fails_the_write_and_keeps_nothing(tmp_path, pho
     with pytest.raises(DataError, match=f"failed while writing train.beton .*{victim}"):
         prepare(PrepareSettings("folder", tmp_path / "src", tmp_path / "out", workers=2))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["labels.json"]
+
+
+def test_existing_dataset_is_refused_before_the_scan(tmp_path, photos, monkeypatch):
+    import pipeline.prepare as module
+
+    mixed_tree(tmp_path / "src", photos)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/dataset.json").write_text("{}")
+
+    def no_scan(*args):
+        raise AssertionError("scanned before refusing")
+
+    monkeypatch.setattr(module, "_scan_files", no_scan)
+    with pytest.raises(DataError, match="already holds a prepared dataset"):
+        prepare(PrepareSettings("folder", tmp_path / "src", tmp_path / "out"))

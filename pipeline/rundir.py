@@ -175,9 +175,10 @@ class Run:
             arch = Architecture.from_dict(read_json(root / "arch.json", fresh))
         except ArchitectureError as err:
             raise RunStateError(f"{root / 'arch.json'}: {err}; {fresh}") from err
-        if preset is not None and load_architecture(preset) != arch:
+        if preset is not None and (wanted := load_architecture(preset)) != arch:
             raise RunStateError(
-                f"{root} was made with architecture {arch.name!r}; --preset {preset} differs. "
+                f"{root} was made with architecture {arch.name!r}; --preset {preset} differs "
+                f"in {', '.join(_differences(arch.to_dict(), wanted.to_dict())[:5])}. "
                 "Use a new --run directory for a different architecture"
             )
         info = DatasetInfo.load(Path(meta["data"]))
@@ -353,3 +354,18 @@ def check_compatible(arch: Architecture, info: DatasetInfo) -> None:
             f"{arch.name} takes {h}x{w} images but {info.root} holds {dh}x{dw} ones; "
             "choose a preset whose input_shape matches the data"
         )
+
+
+def _differences(a, b, where: str = "") -> list[str]:
+    """The dotted keys at which two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _differences(a.get(key), b.get(key), f"{where}.{key}" if where else key)
+        return out
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple) and len(a) == len(b):
+        out = []
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            out += _differences(x, y, f"{where}[{i}]")
+        return out
+    return [] if a == b else [where or "the whole"]

@@ -149,7 +149,8 @@ def _train(run: Run, j: int, settings: TrainSettings, spec, epochs: int, folder:
     if len(loader) == 0:
         raise GreedyError(
             f"the training split has {loader.num_samples} samples, fewer than one batch of "
-            f"{spec.batch_size}"
+            f"{spec.batch_size}; lower training.batch_size in the architecture, or prepare "
+            "more training samples"
         )
     total_steps = epochs * len(loader)
     if settings.max_steps is not None:

@@ -232,6 +232,19 @@ def test_train_layer_refuses_other_preset_on_existing_run(run_dir):
     )
 
 
+def test_other_preset_of_the_same_name_says_what_differs(run_dir, tmp_path):
+    from conftest import TINY_ARCH
+
+    other = tmp_path / "tiny-b.json"
+    other.write_text(
+        json.dumps({**TINY_ARCH, "training": {**TINY_ARCH["training"], "batch_size": 16}})
+    )
+    refused(
+        *("train-layer", "--run", run_dir, "--j", 0, "--preset", other),
+        match="differs in training.batch_size.",
+    )
+
+
 def test_cache_features_refuses_untrained_stage(run_dir):
     refused(
         "cache-features",

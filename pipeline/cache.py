@@ -775,7 +775,6 @@ def _prepare_store(
 
 
 LAYOUT_OPTIONS = {
-    "dtype": "--dtype",
     "chunk_samples": "--chunk-mb",
     "codec": "--codec/--clevel",
     "batch_size": "--batch-size",
@@ -783,11 +782,12 @@ LAYOUT_OPTIONS = {
 
 
 def _refuse_losing_work(url: str, old, manifest: dict) -> None:
-    """Refuse to replace an unfinished store of the same weights and input that differs
-    only in layout options: rerunning with its options resumes it instead."""
+    """Refuse to replace an unfinished store of the same weights, input and dtype that
+    differs only in layout options: rerunning with its options resumes it instead."""
     if not isinstance(old, dict) or old.get("complete") or old.get("format") != CACHE_FORMAT:
         return
-    same = ("stage", "lineage", "input_stage", "views", "splits")
+    # Another --dtype is a deliberate change (a float16 store may not even be finishable).
+    same = ("stage", "lineage", "input_stage", "views", "splits", "dtype")
     if any(old.get(k) != manifest.get(k) for k in same):
         return
     differs = [k for k in LAYOUT_OPTIONS if old.get(k) != manifest.get(k)]

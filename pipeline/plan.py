@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 IMAGES = -1
 PLAN_FILE = "plan.json"
+WARMUP_REPEATS = 3  # untimed calls before a stage is timed
 MAX_SEARCH_STAGES = 16  # 2^15 candidate sets at most
 UNITS = {
     "": 1,
@@ -309,7 +310,7 @@ def measure_rates(
     image_s: float,
     store_dir: Path,
     batch_size: int | None = None,
-    repeats: int = 3,
+    repeats: int = 20,
 ) -> Rates:
     """Stage forward and training-step times on this machine, with random inputs and
     weights; read and write speed of a zarr store written in ``store_dir``."""
@@ -361,7 +362,8 @@ def _time_stage(spec, shape, num_classes: int, batch: int, repeats: int) -> tupl
 
 
 def _per_sample(fn, batch: int, repeats: int) -> float:
-    fn()  # warm-up
+    for _ in range(WARMUP_REPEATS):  # the first calls allocate and pick kernels
+        fn()
     started = time.perf_counter()
     for _ in range(repeats):
         fn()

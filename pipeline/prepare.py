@@ -232,8 +232,11 @@ def _scan_one(path: Path) -> tuple[ImageReport, np.ndarray] | str:
         return str(err)
     except OSError as err:
         return f"unreadable ({err})"
-    pixels = rgb.reshape(-1, 3).astype(np.float64) / 255
-    sums = np.stack([pixels.sum(0), (pixels**2).sum(0), np.full(3, len(pixels))])
+    # Per-channel histograms give exact sums at a fraction of a float pass's cost.
+    flat = rgb.reshape(-1, 3)
+    hist = np.stack([np.bincount(flat[:, c], minlength=256) for c in range(3)])
+    values = np.arange(256) / 255
+    sums = np.stack([hist @ values, hist @ values**2, np.full(3, len(flat))])
     return report, sums
 
 

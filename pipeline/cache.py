@@ -47,6 +47,7 @@ from pipeline.augment import (
 )
 from pipeline.errors import CacheError, RunStateError
 from pipeline.loaders import FeatureLoader, ImageLoader
+from pipeline.plan import IMAGES
 from pipeline.progress import BarFactory, open_bar
 from pipeline.rundir import Run
 
@@ -271,7 +272,6 @@ def open_features(run: Run, j: int, split: str) -> tuple[zarr.Array, np.ndarray,
     return features, labels, manifest
 
 
-IMAGES = -1
 SOURCE_HELP = (
     "'cache' (stage j-1's features), 'nearest' (the nearest stage below j with current "
     "features, else the images), 'cache:I' (stage I's features) or 'recompute' (the images)"

@@ -105,7 +105,7 @@ def run_greedy(settings: RunSettings) -> dict:
                         run=run.root,
                         j=j,
                         dtype=settings.dtype,
-                        source="cache" if plan is None else _planned_source(plan, j),
+                        source="cache" if plan is None else source,
                         views=settings.views,
                         **common,
                     )

@@ -65,6 +65,25 @@ precision_option = click.option(
     help="Training arithmetic: float32, or mixed precision with bfloat16 or float16 "
     "[default: fp32, or a resumed checkpoint's].",
 )
+
+
+def _parse_budget(ctx, param, value):
+    from pipeline.plan import PlanError, parse_bytes
+
+    try:
+        return parse_bytes(value)
+    except PlanError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+memory_budget_option = click.option(
+    "--memory-budget",
+    default="8GiB",
+    show_default=True,
+    callback=_parse_budget,
+    help="Hold a cache in memory when it fits this size (e.g. 2GB, 0 to always stream "
+    "whole chunks from the store in a shuffled order).",
+)
 deterministic_option = click.option(
     "--deterministic",
     is_flag=True,
@@ -304,6 +323,7 @@ def _check_source(ctx, param, value):
     show_default=True,
     help="Steps between checkpoints (one is also written at every epoch end).",
 )
+@memory_budget_option
 @precision_option
 @deterministic_option
 @workers_option
@@ -321,6 +341,7 @@ def train_layer_cmd(
     resume,
     restart,
     checkpoint_every,
+    memory_budget,
     precision,
     deterministic,
     workers,
@@ -346,6 +367,7 @@ def train_layer_cmd(
             resume=resume,
             restart=restart,
             checkpoint_every=checkpoint_every,
+            memory_budget=memory_budget,
             precision=precision,
             deterministic=deterministic,
             workers=workers,
@@ -533,6 +555,7 @@ def eval_cmd(run_dir, split, workers, threads):
     help="Train every stage augmented (with --source recompute: fresh augmentation at every "
     "step, as the paper's authors did).",
 )
+@memory_budget_option
 @precision_option
 @deterministic_option
 @workers_option
@@ -549,6 +572,7 @@ def run_cmd(
     keep_caches,
     views,
     augment,
+    memory_budget,
     precision,
     deterministic,
     workers,
@@ -575,6 +599,7 @@ def run_cmd(
             keep_caches=keep_caches,
             views=views,
             augment=augment,
+            memory_budget=memory_budget,
             precision=precision,
             deterministic=deterministic,
             workers=workers,

@@ -158,6 +158,13 @@ class FeatureLoader:
             held = [self._read(0, self.num_samples, v) for v in self.views]
             # One view is kept as read (no copy); several are stacked as (views, N, ...).
             self._in_memory = held[0][None] if len(held) == 1 else np.stack(held)
+        else:
+            log.info(
+                "streaming %.1f MB of features in whole chunks (above the memory budget of "
+                "%.1f MB)",
+                nbytes / 1e6,
+                memory_budget / 1e6,
+            )
 
     @property
     def in_memory(self) -> bool:

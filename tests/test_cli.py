@@ -192,6 +192,19 @@ def test_train_layer_recompute_needs_no_cache(run_dir):
     assert record["source"] == "recompute" and record["steps"] == 3
 
 
+@pytest.mark.parametrize("budget, read", [("8GiB", "memory"), ("0", "streamed")])
+def test_train_layer_memory_budget_chooses_how_the_cache_is_read(run_dir, budget, read):
+    ok("cache-features", "--run", run_dir, "--j", 0)
+    ok("train-layer", "--run", run_dir, "--j", 1, "--steps", 3, "--memory-budget", budget)
+    record = json.loads((run_dir / "stage_1" / "record.json").read_text())
+    assert record["input"]["read"] == read
+
+
+def test_memory_budget_must_be_a_size(run_dir):
+    result = invoke("train-layer", "--run", run_dir, "--j", 1, "--memory-budget", "lots")
+    assert result.exit_code == 2 and "Invalid value for '--memory-budget'" in result.output
+
+
 def test_train_layer_refuses_stale_cache(run_dir):
     ok("cache-features", "--run", run_dir, "--j", 0)
     ok("train-layer", "--run", run_dir, "--j", 0, "--steps", 2)  # new stage-0 weights

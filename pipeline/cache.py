@@ -407,12 +407,16 @@ def stage_input(
         memory_budget=memory_budget,
     )
     desc = {"kind": "features", "stage": first - 1, "cache_id": manifest["id"], "views": views}
-    return loader, trunk, {
-        **desc,
-        "dtype": manifest["dtype"],
-        "recomputed": j - first,
-        "read": "memory" if loader.in_memory else "streamed",
-    }
+    return (
+        loader,
+        trunk,
+        {
+            **desc,
+            "dtype": manifest["dtype"],
+            "recomputed": j - first,
+            "read": "memory" if loader.in_memory else "streamed",
+        },
+    )
 
 
 # -- the writer's lease ---------------------------------------------------------

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+import zarr
+from zarr.core.buffer import default_buffer_prototype
 
 from pipeline.augment import view_choice
 from pipeline.datasets import DatasetInfo
@@ -204,61 +206,80 @@ class FeatureLoader:
             yield x.float(), torch.from_numpy(self.labels[idx])
 
     def _from_chunks(self, epoch: int) -> Iterator[Batch]:
+        """Whole chunks in a shuffled order, mixed within blocks of ``buffer_chunks`` chunks.
+
+        A read-ahead thread decodes each block's chunks straight into one of a few
+        reused buffers; batches are gathered from a permutation of the block, as from
+        memory, so streaming adds only the chunks' decoding. The rows of a partial batch
+        left at the end of a block are copied to the head of the next block's buffer.
+        """
         chunk = self.chunk
         starts = np.arange(0, self.num_samples, chunk)
         rng = np.random.default_rng([self.seed, epoch])
         if self.shuffle:
             starts = starts[rng.permutation(len(starts))]
-
-        # Shuffle blocks of at least buffer_chunks chunks and one batch; a partial batch
-        # carries over to the next block.
-        block = max(self.buffer_chunks * chunk, self.batch_size)
+        per_block = max(self.buffer_chunks, -(-self.batch_size // chunk))
         views = self._view_of_chunks(epoch)
-        xs, ys, held = [], [], 0
-        for x, y in self._read_ahead(starts, chunk, views):
-            xs.append(x)
-            ys.append(y)
-            held += len(y)
-            if held >= block:
-                x, y = self._mix(xs, ys, rng)
-                full = len(y) - len(y) % self.batch_size
-                yield from self._slices(x[:full], y[:full])
-                xs, ys, held = [x[full:]], [y[full:]], len(y) - full
-        if held:
-            x, y = self._mix(xs, ys, rng)
-            if self.drop_last:
-                x, y = (
-                    x[: len(y) - len(y) % self.batch_size],
-                    y[: len(y) - len(y) % self.batch_size],
-                )
-            yield from self._slices(x, y)
+        head = self.batch_size - 1  # room for the carried rows of a partial batch
+        carry_x = None
+        carried = np.empty(0, np.int64)  # labels of the carried rows
+        for buffer, labels, filled in self._read_ahead(starts, per_block, views, head):
+            if carry_x is not None and len(carried):
+                buffer[head - len(carried) : head] = carry_x
+            rows = buffer[head - len(carried) : head + filled]
+            y = np.concatenate([carried, labels])
+            mix = rng.permutation(len(y)) if self.shuffle else np.arange(len(y))
+            full = len(y) - len(y) % self.batch_size
+            for first in range(0, full, self.batch_size):
+                idx = mix[first : first + self.batch_size]
+                yield torch.from_numpy(rows[idx]).float(), torch.from_numpy(y[idx])
+            tail = mix[full:]
+            carry_x, carried = rows[tail], y[tail]  # copies: the buffer goes back
+        if len(carried) and not self.drop_last:
+            yield torch.from_numpy(carry_x).float(), torch.from_numpy(carried)
 
     def _read_ahead(
-        self, starts: np.ndarray, chunk: int, views: np.ndarray
-    ) -> Iterator[tuple[np.ndarray, ...]]:
-        """Whole chunks in the order of ``starts``, read by a thread one chunk ahead.
+        self, starts: np.ndarray, per_block: int, views: np.ndarray, head: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        """Blocks of ``per_block`` chunks in the order of ``starts``, read by a thread.
 
-        A read error is raised here; leaving the loop early stops the thread.
+        Each item is a buffer whose rows ``head:head + filled`` hold the block, with the
+        block's labels; the consumer hands the buffer back with :meth:`_release`. A read
+        error is raised here; leaving the loop early stops the thread.
         """
-        reads: queue.Queue = queue.Queue(maxsize=2)
+        chunk = self.chunk
+        shape = (head + per_block * chunk, *self.features.shape[1:])
+        free: queue.Queue = queue.Queue()
+        for _ in range(3):  # one being filled, one waiting, one being consumed
+            free.put(np.empty(shape, self.features.dtype))
+        reads: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
 
-        def offer(item) -> bool:
+        def wait(get):
             while not stop.is_set():
                 try:
-                    reads.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
+                    return get()
+                except (queue.Full, queue.Empty):
                     continue
-            return False
+            return None
+
+        def offer(item) -> bool:
+            return wait(lambda: reads.put(item, timeout=0.1) or True) is not None
 
         def work():
             try:
-                for s in starts:
-                    end = min(s + chunk, self.num_samples)
-                    array = self.views[views[s // chunk]]
-                    rows = self._read(s, end, array, every_value=False)
-                    if not offer((rows, self.labels[s:end])):
+                for first in range(0, len(starts), per_block):
+                    buffer = wait(lambda: free.get(timeout=0.1))
+                    if buffer is None:
+                        return
+                    filled, labels = head, []
+                    for s in starts[first : first + per_block]:
+                        end = min(s + chunk, self.num_samples)
+                        array = self.views[views[s // chunk]]
+                        self._read_into(buffer[filled : filled + end - s], s, end, array)
+                        labels.append(self.labels[s:end])
+                        filled += end - s
+                    if not offer((buffer, np.concatenate(labels), filled - head)):
                         return
                 offer(None)
             except BaseException as err:  # handed to the consumer, raised there
@@ -271,27 +292,38 @@ class FeatureLoader:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+                free.put(item[0])
         finally:
             stop.set()
             thread.join()
 
-    def _read(self, start: int, stop: int, array=None, every_value: bool = True) -> np.ndarray:
-        """Rows start..stop, refusing rows that were never written (they read as NaN).
+    def _read(self, start: int, stop: int, array) -> np.ndarray:
+        """Rows start..stop of ``array``, every value checked (see :meth:`_read_into`)."""
+        out = np.empty((stop - start, *array.shape[1:]), array.dtype)
+        self._read_into(out, start, stop, array, every_value=True)
+        return out
+
+    def _read_into(
+        self, out: np.ndarray, start: int, stop: int, array, every_value: bool = False
+    ) -> None:
+        """Decode rows start..stop into ``out``, refusing rows that were never written.
 
         The store's writer refuses non-finite values, so a NaN marks a missing chunk,
-        whose every value is NaN: without ``every_value`` only each row's first value is
+        whose every value is NaN: unless ``every_value``, only each row's first value is
         checked, which keeps the check out of the way of a streaming epoch.
         """
-        array = self.features if array is None else array
         try:
-            rows = np.asarray(array[start:stop])
+            if isinstance(array, zarr.Array):
+                array.get_basic_selection(slice(start, stop), out=_as_nd_buffer(out))
+            else:
+                out[...] = np.asarray(array[start:stop])
         except Exception as err:  # noqa: BLE001 - a damaged chunk fails in codec-specific ways
             raise CacheError(
                 f"{self.name}: rows {start}..{stop} cannot be read ({type(err).__name__}: {err}); "
                 "the cache is damaged, write it again with `greedy-cli cache-features`"
             ) from err
-        for first in range(0, len(rows), 4096):
-            block = rows[first : first + 4096].reshape(-1, int(np.prod(rows.shape[1:])))
+        for first in range(0, len(out), 4096):
+            block = out[first : first + 4096].reshape(-1, int(np.prod(out.shape[1:])))
             if not every_value:
                 block = block[:, :1]
             bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
@@ -300,16 +332,8 @@ class FeatureLoader:
                     f"{self.name}: row {start + first + bad[0]} holds non-finite values (a chunk "
                     "is missing or damaged); write the cache again with `greedy-cli cache-features`"
                 )
-        return rows
 
-    def _mix(self, xs, ys, rng) -> tuple[np.ndarray, np.ndarray]:
-        x, y = np.concatenate(xs), np.concatenate(ys)
-        if self.shuffle:
-            mix = rng.permutation(len(y))
-            x, y = x[mix], y[mix]
-        return x, y
 
-    def _slices(self, x: np.ndarray, y: np.ndarray) -> Iterator[Batch]:
-        for start in range(0, len(y), self.batch_size):
-            stop = start + self.batch_size
-            yield torch.from_numpy(x[start:stop]).float(), torch.from_numpy(y[start:stop])
+def _as_nd_buffer(out: np.ndarray):
+    """``out`` as the buffer zarr decodes into, sharing its memory."""
+    return default_buffer_prototype().nd_buffer.from_numpy_array(out)

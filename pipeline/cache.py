@@ -6,7 +6,7 @@ Layout of ``RUN/features/stage_<j>.zarr`` (or of the fsspec URL named in
     <split>/features                   (N, C, H, W), float16 by default, chunked along samples
     <split>/labels                     (N,), int64, chunked like the features
     _greedy/chunks/<split>/<i>.json    the record of finished chunk i: rows and checksums
-    _greedy/lease.json                 the writer's claim, renewed while it runs
+    _greedy/lease/<generation>.json    the writer's claim, renewed while it runs
 
 The group's ``greedy_manifest`` attribute ties the store to the stage weights and the
 input it was computed from. A store is incomplete until the commit, the last write of a
@@ -58,7 +58,7 @@ CACHE_FORMAT = 2
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 CODECS = ("zstd", "lz4", "none")
 RECORDS = "_greedy/chunks"
-LEASE_KEY = "_greedy/lease.json"
+LEASE_DIR = "_greedy/lease"
 LEASE_SECONDS = 60.0
 # "<split>:<chunk>:<point>[:exit]" stops the writer at chunk <chunk> of <split>, at
 # <point> "before" its write, "mid" write (a torn chunk file) or "after" it (no record).
@@ -145,6 +145,44 @@ class _Store:
             os.replace(tmp, path)
         else:
             self.fs.pipe_file(self.path(key), data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist; False when it already did.
+
+        Atomic on a local filesystem (a hard link fails on an existing name), on S3 (a
+        conditional write) and on ``memory://``; other stores check, then write.
+        """
+        if self.local:
+            path = Path(self.path(key))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+            tmp.write_bytes(data)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                tmp.unlink()
+            return True
+        try:
+            self.fs.pipe_file(self.path(key), data, mode="create")
+        except FileExistsError:
+            return False
+        except OSError:
+            # S3 answers an existing key with 412 Precondition Failed, which s3fs
+            # raises as a plain OSError: tell it from a failed write by looking.
+            if self.read(key) is None:
+                raise
+            return False
+        return True
+
+    def keys(self, prefix: str) -> list[str]:
+        """The keys directly under ``prefix``, by name."""
+        try:
+            names = self.fs.ls(self.path(prefix), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(f"{prefix}/{name.rstrip('/').rsplit('/', 1)[-1]}" for name in names)
 
     def delete(self, key: str, recursive: bool = False) -> None:
         try:
@@ -432,15 +470,38 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def lease_holder(store: "_Store") -> dict | None:
+    """The current claim on a store: the one of the highest generation, or None."""
+    claims = [k for k in store.keys(LEASE_DIR) if re.fullmatch(r".*/\d+\.json", k)]
+    if not claims:
+        return None
+    key = max(claims, key=lambda k: int(k.rsplit("/", 1)[-1][: -len(".json")]))
+    raw = store.read(key)
+    generation = int(key.rsplit("/", 1)[-1][: -len(".json")])
+    try:
+        holder = json.loads(raw) if raw is not None else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        holder = None
+    if not isinstance(holder, dict):  # unreadable: a claim that cannot be renewed
+        holder = {"host": "?", "pid": -1, "token": "?", "renewed": 0.0, "ttl": 0.0}
+    return {**holder, "generation": generation}
+
+
+def _lease_key(generation: int) -> str:
+    return f"{LEASE_DIR}/{generation:012d}.json"
+
+
 class Lease:
     """One writer per store: a claim in the store, renewed by a thread while it lives.
 
-    A claim whose last renewal is older than its ``ttl`` seconds has expired and may be
-    taken over, on any store. On the holder's own host a claim whose process is gone is
-    taken over at once. The renewal time is the holder's clock: hosts sharing a remote
-    store are assumed to keep their clocks within a small fraction of ``ttl``.
-    TODO: use a conditional write (S3 If-None-Match) to make the claim atomic on object
-    stores; two writers claiming in the same instant are now told apart by reading back.
+    Claims are numbered: the claim of the highest generation holds the store. A writer
+    claims by creating the next generation's key with a create-only write, so of two
+    writers claiming at once exactly one succeeds; the other is refused, naming the
+    winner. A claim whose last renewal is older than its ``ttl`` seconds has expired
+    and may be taken over, on any store; on the holder's own host a claim whose process
+    is gone is taken over at once. A writer whose claim is no longer the highest has
+    been taken over and stops. The renewal time is the holder's clock: hosts sharing a
+    remote store are assumed to keep their clocks within a small fraction of ``ttl``.
     """
 
     def __init__(self, url: str, ttl: float = LEASE_SECONDS):
@@ -448,19 +509,13 @@ class Lease:
         self.ttl = ttl
         self.token = uuid.uuid4().hex
         self.identity = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token}
+        self.generation: int | None = None
         self.lost = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def holder(self) -> dict | None:
-        raw = self.store.read(LEASE_KEY)
-        if raw is None:
-            return None
-        try:
-            holder = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return {"host": "?", "pid": -1, "token": "?", "renewed": 0.0, "ttl": 0.0}
-        return holder if isinstance(holder, dict) else None
+        return lease_holder(self.store)
 
     def expired(self, holder: dict) -> bool:
         if time.time() - float(holder.get("renewed", 0.0)) > float(holder.get("ttl", 0.0)):
@@ -468,37 +523,44 @@ class Lease:
         same_host = holder.get("host") == self.identity["host"]
         return same_host and holder.get("pid") != os.getpid() and not _pid_alive(holder["pid"])
 
+    def _refuse(self, holder: dict, at_once: bool = False) -> CacheError:
+        if at_once:
+            return CacheError(
+                f"{self.store.url} was claimed at the same moment by host {holder.get('host')} "
+                f"process {holder.get('pid')}; run cache-features again once it has ended"
+            )
+        age = time.time() - float(holder.get("renewed", 0.0))
+        return CacheError(
+            f"{self.store.url} is being written by host {holder.get('host')} process "
+            f"{holder.get('pid')} (its lease was renewed {age:.0f} s ago and expires "
+            f"{holder.get('ttl', 0):.0f} s after a renewal); wait for that run to end "
+            "or stop it, then run cache-features again"
+        )
+
     def acquire(self) -> "Lease":
         holder = self.holder()
-        if holder is not None and holder.get("token") != self.token:
+        if holder is not None:
             if not self.expired(holder):
-                age = time.time() - float(holder.get("renewed", 0.0))
-                raise CacheError(
-                    f"{self.store.url} is being written by host {holder.get('host')} process "
-                    f"{holder.get('pid')} (its lease was renewed {age:.0f} s ago and expires "
-                    f"{holder.get('ttl', 0):.0f} s after a renewal); wait for that run to end "
-                    "or stop it, then run cache-features again"
-                )
+                raise self._refuse(holder)
             log.warning(
                 "taking over the lease on %s from host %s process %s: it is no longer renewed",
                 self.store.url,
                 holder.get("host"),
                 holder.get("pid"),
             )
-        self._write()
-        if (self.holder() or {}).get("token") != self.token:
-            theirs = self.holder() or {}
-            raise CacheError(
-                f"{self.store.url} was claimed at the same moment by host {theirs.get('host')} "
-                f"process {theirs.get('pid')}; run cache-features again once it has ended"
-            )
+        generation = 0 if holder is None else holder["generation"] + 1
+        if not self.store.create(_lease_key(generation), self._claim()):
+            raise self._refuse(lease_holder(self.store) or {}, at_once=True)
+        self.generation = generation
+        for key in self.store.keys(LEASE_DIR):  # the claims this one replaces
+            if key != _lease_key(generation):
+                self.store.delete(key)
         self._thread = threading.Thread(target=self._renew, daemon=True)
         self._thread.start()
         return self
 
-    def _write(self) -> None:
-        claim = {**self.identity, "renewed": time.time(), "ttl": self.ttl}
-        self.store.write(LEASE_KEY, json.dumps(claim).encode())
+    def _claim(self) -> bytes:
+        return json.dumps({**self.identity, "renewed": time.time(), "ttl": self.ttl}).encode()
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3) and not self.lost:
@@ -513,7 +575,7 @@ class Lease:
         if (self.holder() or {}).get("token") != self.token:
             self.lost = True
             return
-        self._write()
+        self.store.write(_lease_key(self.generation), self._claim())
 
     def check(self) -> None:
         if self.lost:
@@ -526,8 +588,11 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if (self.holder() or {}).get("token") == self.token:
-            self.store.delete(LEASE_KEY)
+        if self.generation is not None and (self.holder() or {}).get("token") == self.token:
+            self.store.delete(_lease_key(self.generation))
+            if self.store.local:  # an empty folder stays otherwise; a claim made since stays
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.store.path(LEASE_DIR))
 
     def __enter__(self) -> "Lease":
         return self.acquire()
@@ -1093,7 +1158,7 @@ def _write_chunk(job: _Job, store: _Store, features, labels, index, out, y, leas
     """Write one chunk, then its record: the record is what makes it finished."""
     if lease is not None:
         lease.check()
-    elif (json.loads(store.read(LEASE_KEY) or b"{}")).get("token") != job.lease_token:
+    elif (lease_holder(store) or {}).get("token") != job.lease_token:
         raise CacheError(
             f"the lease on {job.url} is no longer held by the run that started this task; "
             "the task stops without writing"

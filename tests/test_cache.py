@@ -19,14 +19,16 @@ from conftest import TINY_ARCH
 from pipeline.cache import (
     CACHE_FORMAT,
     FAULT_ENV,
-    LEASE_KEY,
+    LEASE_DIR,
     MANIFEST_KEY,
     CacheSettings,
     InjectedFault,
     Lease,
     VerifySettings,
+    _Store,
     cache_features,
     cache_state,
+    lease_holder,
     open_features,
     verify_cache,
 )
@@ -84,7 +86,7 @@ def test_store_records_every_chunk(run, reference):
     records = [k for k in reference if k.startswith("_greedy/chunks/")]
     assert len(records) == 16 + 4
     assert manifest["chunk_samples"] == 33
-    assert LEASE_KEY not in store_bytes(str(run.features_path(0)))
+    assert not any(k.startswith(LEASE_DIR) for k in store_bytes(str(run.features_path(0))))
 
 
 @pytest.mark.parametrize("fault", ["train:0:before", "train:5:mid", "train:15:after", "test:3:mid"])
@@ -114,7 +116,7 @@ def test_resume_after_a_kill_takes_over_the_dead_writers_lease(run, reference, c
         [sys.executable, str(REPO / "cli.py"), *args], env=env, capture_output=True, text=True
     )
     assert killed.returncode == 86, killed.stderr
-    holder = json.loads((run.features_path(0) / LEASE_KEY).read_text())
+    holder = lease_holder(_Store(str(run.features_path(0))))
     assert holder["host"] == socket.gethostname() and holder["pid"] != os.getpid()
     assert cache_state(run, 0) == "incomplete"
 
@@ -194,24 +196,55 @@ def test_second_writer_is_refused_with_the_holders_identity(run):
     assert cache_state(run, 0) == "current"
 
 
+def _claim(run, generation: int, **claim) -> Path:
+    """Another writer's claim of ``generation`` on stage 0's store."""
+    path = run.features_path(0) / LEASE_DIR / f"{generation:012d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"host": "node-17", "pid": 4242, "token": "x", **claim}))
+    return path
+
+
 def test_expired_lease_is_taken_over(run, caplog):
-    lease_path = run.features_path(0) / LEASE_KEY
-    lease_path.parent.mkdir(parents=True)
-    claim = {"host": "node-17", "pid": 4242, "token": "x", "renewed": time.time() - 120, "ttl": 60}
-    lease_path.write_text(json.dumps(claim))
+    path = _claim(run, 3, renewed=time.time() - 120, ttl=60)
     caplog.set_level("INFO", logger="pipeline.cache")
     cache_features(settings(run))
     assert "from host node-17 process 4242" in caplog.text
-    assert cache_state(run, 0) == "current" and not lease_path.exists()
+    assert cache_state(run, 0) == "current" and not path.exists()
 
 
 def test_live_lease_of_another_host_is_refused(run):
-    lease_path = run.features_path(0) / LEASE_KEY
-    lease_path.parent.mkdir(parents=True)
-    claim = {"host": "node-17", "pid": 4242, "token": "x", "renewed": time.time(), "ttl": 600}
-    lease_path.write_text(json.dumps(claim))
+    _claim(run, 0, renewed=time.time(), ttl=600)
     with pytest.raises(CacheError, match="being written by host node-17 process 4242"):
         cache_features(settings(run))
+
+
+def test_the_highest_generation_holds_the_store(run):
+    _claim(run, 4, renewed=time.time() - 120, ttl=60)
+    _claim(run, 5, host="node-2", pid=9, token="y", renewed=time.time(), ttl=600)
+    with pytest.raises(CacheError, match="being written by host node-2 process 9"):
+        cache_features(settings(run))
+
+
+@pytest.mark.parametrize("url", ["local", "memory://greedy-lease/s.zarr"])
+def test_of_two_claims_on_one_generation_only_one_wins(run, url):
+    """Two writers that both saw an expired claim 0 race to create claim 1."""
+    url = str(run.features_path(0)) if url == "local" else url
+    store = _Store(url)
+    store.write(f"{LEASE_DIR}/{0:012d}.json", json.dumps({"renewed": 0, "ttl": 1}).encode())
+    first, second = Lease(url, ttl=600), Lease(url, ttl=600)
+    holder = first.holder()
+    assert first.expired(holder) and second.expired(holder)
+    assert first.store.create(f"{LEASE_DIR}/{1:012d}.json", first._claim())
+    assert not second.store.create(f"{LEASE_DIR}/{1:012d}.json", second._claim())
+    assert lease_holder(store)["token"] == first.token
+    # Through acquire: the loser of a race is refused, naming the winner.
+    third = Lease(url, ttl=600)
+    third.holder = lambda: holder  # it read the store before claim 1 was made
+    with pytest.raises(
+        CacheError, match=f"claimed at the same moment by host {socket.gethostname()}"
+    ):
+        third.acquire()
+    store.delete(LEASE_DIR, recursive=True)
 
 
 def _rescale_stage0(run: Run, factor: float) -> None:
@@ -304,15 +337,14 @@ def test_writer_whose_lease_was_taken_over_stops(run):
     try:
         lease.renew()
         assert not lease.lost
-        claim = {"host": "node-3", "pid": 7, "token": "other", "renewed": time.time(), "ttl": 60}
-        (run.features_path(0) / LEASE_KEY).write_text(json.dumps(claim))
+        _claim(run, lease.generation + 1, token="other", renewed=time.time(), ttl=60)
         lease.renew()
         with pytest.raises(CacheError, match="was taken over by another writer"):
             lease.check()
     finally:
         lease.release()
     # The new holder's claim is left in place.
-    assert json.loads((run.features_path(0) / LEASE_KEY).read_text())["token"] == "other"
+    assert lease_holder(_Store(url))["token"] == "other"
 
 
 @pytest.mark.parametrize("budget", [0, 1 << 30])

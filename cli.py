@@ -10,7 +10,7 @@ import click
 from pipeline.errors import GreedyError
 from stages.arch import ArchitectureError
 
-DTYPES = click.Choice(["float16", "float32"])
+DTYPES = click.Choice(["float16", "bfloat16", "float32"])
 
 
 class _TqdmHandler(logging.Handler):
@@ -478,7 +478,8 @@ def cache_features_cmd(
         )
         click.echo(
             f"stage {j} cache verified: {result['chunks_checked']} chunks match their "
-            f"checksums, {result['rows_checked']} recomputed rows match within {dtype} rounding"
+            f"checksums, {result['rows_checked']} recomputed rows match within "
+            f"{result['dtype']} rounding"
         )
         return
     manifest = cache_features(

@@ -38,6 +38,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from pipeline import storage
 from pipeline.augment import (
     FreshAugmentation,
     apply_views,
@@ -55,7 +56,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST_KEY = "greedy_manifest"
 CACHE_FORMAT = 2
-STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 CODECS = ("zstd", "lz4", "none")
 RECORDS = "_greedy/chunks"
 LEASE_DIR = "_greedy/lease"
@@ -693,9 +693,10 @@ def cache_features(settings: CacheSettings) -> dict:
     run = Run.open(settings.run)
     j = settings.j
     run.check_stage_index(j)
-    if settings.dtype not in STORAGE_DTYPES:
+    if settings.dtype not in storage.STORAGE_DTYPES:
         raise CacheError(
-            f"--dtype {settings.dtype} is not supported; choose one of {list(STORAGE_DTYPES)}"
+            f"--dtype {settings.dtype} is not supported; choose one of "
+            f"{list(storage.STORAGE_DTYPES)}"
         )
     if settings.codec not in CODECS:
         raise CacheError(f"--codec {settings.codec} is not supported; choose one of {CODECS}")
@@ -718,7 +719,7 @@ def cache_features(settings: CacheSettings) -> dict:
     # Describe the store before writing a byte of it.
     batch_size = settings.batch_size or run.arch.training.batch_size
     out_shape = run.arch.stage_out_shape(j)
-    sample_bytes = int(np.prod(out_shape)) * np.dtype(settings.dtype).itemsize
+    sample_bytes = int(np.prod(out_shape)) * storage.itemsize(settings.dtype)
     chunk = max(1, int(settings.chunk_mb * 2**20 // sample_bytes))
     splits = {s: run.data.count(s) for s in run.data.splits}
     view_params = _views(run, settings, input_stage, splits)
@@ -827,10 +828,10 @@ def _prepare_store(
             f"{split}/features",
             shape=(n, *manifest["shape"]),
             chunks=(chunk, *manifest["shape"]),
-            dtype=manifest["dtype"],
+            dtype=storage.array_dtype(manifest["dtype"]),
             compressors=compressors,
             # Never written (non-finite values are refused), so a missing chunk reads as NaN.
-            fill_value=float("nan"),
+            fill_value=storage.fill_value(manifest["dtype"]),
             overwrite=True,
         )
         group.create_array(
@@ -894,7 +895,7 @@ def resume_options(manifest: dict) -> str:
 
 
 def _sample_bytes(manifest: dict) -> int:
-    return int(np.prod(manifest["shape"])) * np.dtype(manifest["dtype"]).itemsize
+    return int(np.prod(manifest["shape"])) * storage.itemsize(manifest["dtype"])
 
 
 def _chunk_problem(store: _Store, split: str, index: int, ndim: int) -> str | None:
@@ -1082,9 +1083,8 @@ def _write_region(
             out = torch.cat(
                 [stage(x[i : i + job.batch_size]) for i in range(0, len(x), job.batch_size)]
             )
-            with np.errstate(over="ignore"):  # an overflow is refused by name just below
-                out = out.numpy().astype(job.dtype)
-            _check_finite(out, job.j, job.split, index * chunk)
+            out = storage.encode(out, job.dtype)  # an overflow is refused by name just below
+            _check_finite(out, job.dtype, job.j, job.split, index * chunk)
             if pending is not None:
                 pending.result()
             pending = writer.submit(
@@ -1239,13 +1239,13 @@ class _Rows:
         return self.array[self.start + a : self.start + b]
 
 
-def _check_finite(out: np.ndarray, j: int, split: str, first: int) -> None:
-    bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+def _check_finite(out: np.ndarray, dtype: str, j: int, split: str, first: int) -> None:
+    bad = ~storage.finite(out.reshape(len(out), -1)).all(axis=1)
     if bad.any():
         sample = first + int(np.flatnonzero(bad)[0])
         raise CacheError(
             f"stage {j} produced a non-finite value for {split} sample {sample} "
-            f"(after the cast to {out.dtype}); nothing of it was written. A float16 overflow "
+            f"(after the cast to {dtype}); nothing of it was written. A float16 overflow "
             "needs --dtype float32; a NaN means the stage's weights are damaged"
         )
 
@@ -1287,10 +1287,11 @@ def verify_cache(settings: VerifySettings) -> dict:
                 continue
             rows = np.sort(rng.choice(n, size=min(settings.rows, n), replace=False))
             features, labels, _ = open_features(run, j, split)
-            stored = features.get_orthogonal_selection((rows,)).astype(np.float64)
+            stored = storage.to_numpy(features.get_orthogonal_selection((rows,)), np.float64)
             exact = _recompute(run, manifest, stage, split, rows, batch_size, settings.workers)
             bad_rows += [
-                f"{split} row {r}" for r in rows[~_within_rounding(stored, exact, features.dtype)]
+                f"{split} row {r}"
+                for r in rows[~_within_rounding(stored, exact, manifest["dtype"])]
             ]
             rows_checked += len(rows)
 
@@ -1301,6 +1302,7 @@ def verify_cache(settings: VerifySettings) -> dict:
             "rows_checked": rows_checked,
             "chunks_checked": chunks_checked,
             "seed": seed,
+            "dtype": manifest["dtype"],
             "problems": (bad_chunks + bad_rows)[:20],
         }
         group = _open_group(url, "r+")
@@ -1319,7 +1321,7 @@ def verify_cache(settings: VerifySettings) -> dict:
     if bad_rows:
         raise CacheError(
             f"{url}: {len(bad_rows)} of {rows_checked} recomputed rows differ from the store "
-            f"beyond {features.dtype} rounding ({', '.join(bad_rows[:5])}): the store was "
+            f"beyond {manifest['dtype']} rounding ({', '.join(bad_rows[:5])}): the store was "
             f"written wrong. Remove it and run {redo}"
         )
     return verified
@@ -1348,7 +1350,7 @@ def _recompute(run, manifest, stage, split, rows, batch_size, workers) -> np.nda
             )
     else:
         below, _, _ = open_features(run, input_stage, split)
-        x_all = below.get_orthogonal_selection((rows,)).astype(np.float32)
+        x_all = storage.to_numpy(below.get_orthogonal_selection((rows,)))
         inputs = (
             torch.from_numpy(x_all[i : i + batch_size]) for i in range(0, len(rows), batch_size)
         )
@@ -1356,13 +1358,10 @@ def _recompute(run, manifest, stage, split, rows, batch_size, workers) -> np.nda
         return torch.cat([stage(x) for x in inputs]).numpy().astype(np.float64)
 
 
-def _within_rounding(stored: np.ndarray, exact: np.ndarray, dtype) -> np.ndarray:
+def _within_rounding(stored: np.ndarray, exact: np.ndarray, dtype: str) -> np.ndarray:
     """Per row: every value within one step of the storage dtype at its magnitude, plus a
     float32 allowance for batch-dependent summation order."""
-    if np.dtype(dtype) == np.float16:
-        step = np.maximum(np.abs(exact) * 2.0**-10, 2.0**-24)
-    else:
-        step = np.abs(exact) * 2.0**-23
+    step = storage.rounding_step(exact, dtype)
     scale = np.abs(exact).reshape(len(exact), -1).max(axis=1)
     slack = step + 1e-5 * scale.reshape(-1, *([1] * (exact.ndim - 1)))
     err = np.abs(stored - exact)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import storage
 from pipeline.cache import cache_ids, cache_state, open_features, read_manifest, store_url
 from pipeline.errors import CacheError, RunStateError
 from pipeline.loaders import FeatureLoader, ImageLoader
@@ -160,7 +161,7 @@ def _final_from_images(run: Run, modules, split: str, settings: EvalSettings):
                 per_stage[j].update(logits, y)
                 votes = votes + (2**j) * logits
                 if j in cached:
-                    stored = np.asarray(cached[j][offset : offset + len(y)], dtype=np.float32)
+                    stored = storage.to_numpy(np.asarray(cached[j][offset : offset + len(y)]))
                     if not np.isfinite(stored).all():
                         raise CacheError(
                             f"{run.features_path(j)}/{split}: rows {offset}..{offset + len(y)} "

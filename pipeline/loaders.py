@@ -18,6 +18,7 @@ from zarr.core.buffer import default_buffer_prototype
 from pipeline.augment import view_choice
 from pipeline.datasets import DatasetInfo
 from pipeline.errors import CacheError
+from pipeline.storage import finite, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +203,7 @@ class FeatureLoader:
             order = np.arange(self.num_samples)
         view = self._view_of_chunks(epoch)[np.arange(self.num_samples) // self.chunk]
         for idx in self._batches(order):
-            x = torch.from_numpy(self._in_memory[view[idx], idx])
-            yield x.float(), torch.from_numpy(self.labels[idx])
+            yield to_tensor(self._in_memory[view[idx], idx]), torch.from_numpy(self.labels[idx])
 
     def _from_chunks(self, epoch: int) -> Iterator[Batch]:
         """Whole chunks in a shuffled order, mixed within blocks of ``buffer_chunks`` chunks.
@@ -232,11 +232,11 @@ class FeatureLoader:
             full = len(y) - len(y) % self.batch_size
             for first in range(0, full, self.batch_size):
                 idx = mix[first : first + self.batch_size]
-                yield torch.from_numpy(rows[idx]).float(), torch.from_numpy(y[idx])
+                yield to_tensor(rows[idx]), torch.from_numpy(y[idx])
             tail = mix[full:]
             carry_x, carried = rows[tail], y[tail]  # copies: the buffer goes back
         if len(carried) and not self.drop_last:
-            yield torch.from_numpy(carry_x).float(), torch.from_numpy(carried)
+            yield to_tensor(carry_x), torch.from_numpy(carried)
 
     def _read_ahead(
         self, starts: np.ndarray, per_block: int, views: np.ndarray, head: int
@@ -326,7 +326,7 @@ class FeatureLoader:
             block = out[first : first + 4096].reshape(-1, int(np.prod(out.shape[1:])))
             if not every_value:
                 block = block[:, :1]
-            bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+            bad = np.flatnonzero(~finite(block).all(axis=1))
             if len(bad):
                 raise CacheError(
                     f"{self.name}: row {start + first + bad[0]} holds non-finite values (a chunk "

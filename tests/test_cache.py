@@ -281,6 +281,32 @@ def test_float16_overflow_stops_the_run(run):
     assert cache_state(run, 0) == "current"
 
 
+def test_bfloat16_store_holds_the_stage_within_its_rounding(run):
+    """bfloat16 keeps float32's range: the outputs that overflow float16 are stored, and
+    read back (in memory and streamed) within one bfloat16 step of the stage's outputs."""
+    from pipeline.loaders import FeatureLoader, ImageLoader
+
+    _rescale_stage0(run, 1e4)
+    manifest = cache_features(settings(run, dtype="bfloat16"))
+    assert manifest["dtype"] == "bfloat16" and cache_state(run, 0) == "current"
+    features, labels, _ = open_features(run, 0, "test")
+    assert features.dtype == np.uint16  # the bits of bfloat16 values
+    stage, _ = run.load_stage(0)
+    images = ImageLoader(run.data, "test", 64, run.arch.input_shape)
+    with torch.no_grad():
+        exact = torch.cat([stage(x) for x, _ in images.epoch(0)])
+    assert exact.abs().max() > 65504  # beyond float16
+    for budget in (1 << 30, 0):
+        loader = FeatureLoader(features, labels, 64, memory_budget=budget)
+        stored = torch.cat([x for x, _ in loader.epoch(0)])
+        assert stored.dtype == torch.float32 and stored.shape == exact.shape
+        step = torch.clamp(exact.abs() * 2.0**-7, min=2.0**-133)
+        assert ((stored - exact).abs() <= step + 1e-5 * exact.abs().max()).all()
+        assert not torch.equal(stored, exact)  # rounded, not float32 by mistake
+    verified = verify_cache(VerifySettings(run=run.root, j=0, rows=32, seed=0))
+    assert verified["ok"] and verified["dtype"] == "bfloat16"
+
+
 def test_store_of_other_weights_is_refused(run):
     cache_features(settings(run))
     group = zarr.open_group(str(run.features_path(0)), mode="r+")
@@ -347,11 +373,12 @@ def test_writer_whose_lease_was_taken_over_stops(run):
     assert lease_holder(_Store(url))["token"] == "other"
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("budget", [0, 1 << 30])
-def test_reader_refuses_a_missing_chunk_streamed_or_in_memory(run, budget):
+def test_reader_refuses_a_missing_chunk_streamed_or_in_memory(run, budget, dtype):
     from pipeline.loaders import FeatureLoader
 
-    cache_features(settings(run))
+    cache_features(settings(run, dtype=dtype))
     (run.features_path(0) / "train/features/c/3/0/0/0").unlink()
     features, labels, _ = open_features(run, 0, "train")
     with pytest.raises(CacheError, match="row 99 holds non-finite values"):

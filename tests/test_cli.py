@@ -471,3 +471,18 @@ def test_status_follows_the_run(run_dir):
     out = ok("status", "--run", run_dir).output
     assert "0      current  stale" in out and "1      stale" in out
     assert f"next: greedy-cli cache-features --run {run_dir} --j 0" in out
+
+
+def test_run_with_bfloat16_caches(tmp_path, tiny_data, tiny_arch):
+    """Every stage trains from bfloat16 caches; eval finds them within bfloat16 rounding
+    of the float32 trunk (2**-8 of the value, at most 2**-7 of the largest)."""
+    run = tmp_path / "run"
+    ok("run", tiny_arch, "--data", tiny_data, "--run", run, "--dtype", "bfloat16")
+    for j in (0, 1):
+        manifest = zarr.open_group(str(run / "features" / f"stage_{j}.zarr")).attrs[MANIFEST_KEY]
+        assert manifest["dtype"] == "bfloat16"
+    report = json.loads((run / "eval.json").read_text())
+    fidelity = report["cache_fidelity"]
+    assert [f["stage"] for f in fidelity] == [0, 1]
+    for f in fidelity:
+        assert 0 < f["max_rel_diff"] <= 2**-7

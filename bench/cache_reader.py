@@ -89,7 +89,7 @@ def codec_comparison(run: Run, j: int, scratch: Path, samples: int = 10000) -> l
                 chunks=(chunk, *values.shape[1:]),
                 dtype=values.dtype,
                 compressors=_compressors(codec, level),
-                fill_value=float("nan"),
+                fill_value=0 if values.dtype == np.uint16 else float("nan"),
             )
             started = time.perf_counter()
             array[:] = values

@@ -59,6 +59,7 @@ CACHE_FORMAT = 2
 CODECS = ("zstd", "lz4", "none")
 RECORDS = "_greedy/chunks"
 LEASE_DIR = "_greedy/lease"
+LEGACY_LEASE_KEY = "_greedy/lease.json"  # the claim of format-2 writers before numbered claims
 LEASE_SECONDS = 60.0
 # "<split>:<chunk>:<point>[:exit]" stops the writer at chunk <chunk> of <split>, at
 # <point> "before" its write, "mid" write (a torn chunk file) or "after" it (no record).
@@ -149,35 +150,54 @@ class _Store:
     def create(self, key: str, data: bytes) -> bool:
         """Write ``key`` only if it does not exist; False when it already did.
 
-        Atomic on a local filesystem (a hard link fails on an existing name), on S3 (a
-        conditional write) and on ``memory://``; other stores check, then write.
+        Atomic on a local filesystem (a hard link fails on an existing name; where hard
+        links are not supported, an exclusive create), on S3 (a conditional write) and
+        on ``memory://``; other stores check, then write.
         """
         if self.local:
-            path = Path(self.path(key))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-            tmp.write_bytes(data)
+            return self._create_local(Path(self.path(key)), data)
+        for attempt in range(3):
             try:
-                os.link(tmp, path)
+                self.fs.pipe_file(self.path(key), data, mode="create")
+                return True
             except FileExistsError:
-                return False
-            finally:
-                tmp.unlink()
-            return True
+                break
+            except OSError:
+                # S3 answers an existing key with 412 Precondition Failed and a concurrent
+                # conditional write with 409, both raised by s3fs as plain OSErrors: tell
+                # them from a failed write by looking, and try again while nothing is there.
+                if self.read(key) is not None:
+                    break
+                if attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        # A retried write that had landed the first time finds its own bytes.
+        return self.read(key) == data
+
+    @staticmethod
+    def _create_local(path: Path, data: bytes) -> bool:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_bytes(data)
         try:
-            self.fs.pipe_file(self.path(key), data, mode="create")
+            os.link(tmp, path)
+            return True
         except FileExistsError:
             return False
-        except OSError:
-            # S3 answers an existing key with 412 Precondition Failed, which s3fs
-            # raises as a plain OSError: tell it from a failed write by looking.
-            if self.read(key) is None:
-                raise
-            return False
-        return True
+        except OSError:  # a filesystem without hard links: create exclusively, then fill
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        finally:
+            tmp.unlink()
 
     def keys(self, prefix: str) -> list[str]:
-        """The keys directly under ``prefix``, by name."""
+        """The keys directly under ``prefix``, by name, listed afresh (not from a cache)."""
+        self.fs.invalidate_cache(self.path(prefix))
         try:
             names = self.fs.ls(self.path(prefix), detail=False)
         except FileNotFoundError:
@@ -472,19 +492,37 @@ def _pid_alive(pid: int) -> bool:
 
 def lease_holder(store: "_Store") -> dict | None:
     """The current claim on a store: the one of the highest generation, or None."""
-    claims = [k for k in store.keys(LEASE_DIR) if re.fullmatch(r".*/\d+\.json", k)]
-    if not claims:
-        return None
-    key = max(claims, key=lambda k: int(k.rsplit("/", 1)[-1][: -len(".json")]))
-    raw = store.read(key)
-    generation = int(key.rsplit("/", 1)[-1][: -len(".json")])
-    try:
-        holder = json.loads(raw) if raw is not None else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        holder = None
-    if not isinstance(holder, dict):  # unreadable: a claim that cannot be renewed
-        holder = {"host": "?", "pid": -1, "token": "?", "renewed": 0.0, "ttl": 0.0}
-    return {**holder, "generation": generation}
+    for _ in range(3):
+        claims = _claims(store)
+        if not claims:
+            return None
+        generation = max(claims)
+        raw = store.read(_lease_key(generation))
+        if raw is None:  # released and replaced between the listing and the read
+            continue
+        try:
+            holder = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            holder = None
+        if not isinstance(holder, dict):
+            # Being written, or torn by a crash: look again once before calling it dead.
+            time.sleep(0.5)
+            try:
+                holder = json.loads(store.read(_lease_key(generation)) or b"")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                holder = None
+        if not isinstance(holder, dict):  # a claim nobody can renew
+            holder = {"host": "?", "pid": -1, "token": "?", "renewed": 0.0, "ttl": 0.0}
+        return {**holder, "generation": generation}
+    raise CacheError(
+        f"the writer's claim on {store.url} keeps changing under this reader; try again"
+    )
+
+
+def _claims(store: "_Store") -> list[int]:
+    """The generations of the claims in a store."""
+    names = (k.rsplit("/", 1)[-1] for k in store.keys(LEASE_DIR))
+    return [int(n[: -len(".json")]) for n in names if re.fullmatch(r"\d+\.json", n)]
 
 
 def _lease_key(generation: int) -> str:
@@ -494,14 +532,17 @@ def _lease_key(generation: int) -> str:
 class Lease:
     """One writer per store: a claim in the store, renewed by a thread while it lives.
 
-    Claims are numbered: the claim of the highest generation holds the store. A writer
-    claims by creating the next generation's key with a create-only write, so of two
-    writers claiming at once exactly one succeeds; the other is refused, naming the
-    winner. A claim whose last renewal is older than its ``ttl`` seconds has expired
-    and may be taken over, on any store; on the holder's own host a claim whose process
-    is gone is taken over at once. A writer whose claim is no longer the highest has
-    been taken over and stops. The renewal time is the holder's clock: hosts sharing a
-    remote store are assumed to keep their clocks within a small fraction of ``ttl``.
+    Claims are numbered and numbers are never reused: the claim of the highest
+    generation holds the store, and a run that ends marks its claim released rather than
+    deleting it. A writer claims by creating the next generation's key with a create-only
+    write, so of two writers claiming at once exactly one succeeds; the other is refused,
+    naming the winner. A claim whose last renewal is older than its ``ttl`` seconds has
+    expired and may be taken over, on any store; on the holder's own host a claim whose
+    process is gone is taken over at once. A writer whose claim is no longer the highest
+    has been taken over, and a writer that could not renew for most of ``ttl`` may have
+    been: either stops before its next chunk. The renewal time is the holder's clock:
+    hosts sharing a remote store are assumed to keep their clocks within a small
+    fraction of ``ttl``.
     """
 
     def __init__(self, url: str, ttl: float = LEASE_SECONDS):
@@ -511,6 +552,7 @@ class Lease:
         self.identity = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token}
         self.generation: int | None = None
         self.lost = False
+        self.renewed = 0.0  # time of the last renewal that was written
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -518,6 +560,8 @@ class Lease:
         return lease_holder(self.store)
 
     def expired(self, holder: dict) -> bool:
+        if holder.get("released"):
+            return True
         if time.time() - float(holder.get("renewed", 0.0)) > float(holder.get("ttl", 0.0)):
             return True
         same_host = holder.get("host") == self.identity["host"]
@@ -538,36 +582,53 @@ class Lease:
         )
 
     def acquire(self) -> "Lease":
+        self._check_legacy_claim()
         holder = self.holder()
         if holder is not None:
             if not self.expired(holder):
                 raise self._refuse(holder)
-            log.warning(
-                "taking over the lease on %s from host %s process %s: it is no longer renewed",
-                self.store.url,
-                holder.get("host"),
-                holder.get("pid"),
-            )
+            if not holder.get("released"):
+                log.warning(
+                    "taking over the lease on %s from host %s process %s: it is no longer renewed",
+                    self.store.url,
+                    holder.get("host"),
+                    holder.get("pid"),
+                )
         generation = 0 if holder is None else holder["generation"] + 1
-        if not self.store.create(_lease_key(generation), self._claim()):
+        claim = self._claim()
+        if not self.store.create(_lease_key(generation), claim):
             raise self._refuse(lease_holder(self.store) or {}, at_once=True)
-        self.generation = generation
-        for key in self.store.keys(LEASE_DIR):  # the claims this one replaces
-            if key != _lease_key(generation):
-                self.store.delete(key)
+        self.generation, self.renewed = generation, json.loads(claim)["renewed"]
+        for older in _claims(self.store):  # the claims this one replaces
+            if older < generation:
+                self.store.delete(_lease_key(older))
         self._thread = threading.Thread(target=self._renew, daemon=True)
         self._thread.start()
         return self
 
-    def _claim(self) -> bytes:
-        return json.dumps({**self.identity, "renewed": time.time(), "ttl": self.ttl}).encode()
+    def _check_legacy_claim(self) -> None:
+        """Respect the single claim file of earlier versions while it is renewed."""
+        raw = self.store.read(LEGACY_LEASE_KEY)
+        if raw is None:
+            return
+        try:
+            holder = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            holder = {}
+        if isinstance(holder, dict) and not self.expired(holder):
+            raise self._refuse(holder)
+        self.store.delete(LEGACY_LEASE_KEY)
+
+    def _claim(self, **extra) -> bytes:
+        claim = {**self.identity, "renewed": time.time(), "ttl": self.ttl, **extra}
+        return json.dumps(claim).encode()
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3) and not self.lost:
             try:
                 self.renew()
             except OSError as err:
-                # Retried at the next renewal; the claim expires only after ttl seconds.
+                # Retried at the next renewal; check() stops the writer if it stays so.
                 log.warning("renewing the lease on %s failed: %s", self.store.url, err)
 
     def renew(self) -> None:
@@ -575,7 +636,13 @@ class Lease:
         if (self.holder() or {}).get("token") != self.token:
             self.lost = True
             return
-        self.store.write(_lease_key(self.generation), self._claim())
+        claim = self._claim()
+        self.store.write(_lease_key(self.generation), claim)
+        # A takeover between the look and the write leaves a higher claim: look again.
+        if max(_claims(self.store), default=-1) > self.generation:
+            self.lost = True
+            return
+        self.renewed = json.loads(claim)["renewed"]
 
     def check(self) -> None:
         if self.lost:
@@ -583,16 +650,22 @@ class Lease:
                 f"the lease on {self.store.url} was taken over by another writer while this "
                 "one ran (it was not renewed in time); this run stops without writing more"
             )
+        unrenewed = time.time() - self.renewed
+        if self.generation is not None and unrenewed > 0.8 * self.ttl:
+            raise CacheError(
+                f"the lease on {self.store.url} could not be renewed for {unrenewed:.0f} s "
+                f"(it expires after {self.ttl:.0f} s), so another writer may take the store "
+                "over; this run stops without writing more. Run cache-features again to "
+                "finish the store"
+            )
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         if self.generation is not None and (self.holder() or {}).get("token") == self.token:
-            self.store.delete(_lease_key(self.generation))
-            if self.store.local:  # an empty folder stays otherwise; a claim made since stays
-                with contextlib.suppress(OSError):
-                    os.rmdir(self.store.path(LEASE_DIR))
+            # Kept, marked released: the next claim takes the next generation.
+            self.store.write(_lease_key(self.generation), self._claim(released=True))
 
     def __enter__(self) -> "Lease":
         return self.acquire()
@@ -1246,7 +1319,7 @@ def _check_finite(out: np.ndarray, dtype: str, j: int, split: str, first: int) -
         raise CacheError(
             f"stage {j} produced a non-finite value for {split} sample {sample} "
             f"(after the cast to {dtype}); nothing of it was written. A float16 overflow "
-            "needs --dtype float32; a NaN means the stage's weights are damaged"
+            "needs --dtype bfloat16 or float32; a NaN means the stage's weights are damaged"
         )
 
 

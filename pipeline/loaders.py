@@ -248,7 +248,7 @@ class FeatureLoader:
         error is raised here; leaving the loop early stops the thread.
         """
         chunk = self.chunk
-        shape = (head + per_block * chunk, *self.features.shape[1:])
+        shape = (head + min(per_block, len(starts)) * chunk, *self.features.shape[1:])
         free: queue.Queue = queue.Queue()
         for _ in range(3):  # one being filled, one waiting, one being consumed
             free.put(np.empty(shape, self.features.dtype))
@@ -274,6 +274,8 @@ class FeatureLoader:
                         return
                     filled, labels = head, []
                     for s in starts[first : first + per_block]:
+                        if stop.is_set():
+                            return
                         end = min(s + chunk, self.num_samples)
                         array = self.views[views[s // chunk]]
                         self._read_into(buffer[filled : filled + end - s], s, end, array)
@@ -298,7 +300,11 @@ class FeatureLoader:
             thread.join()
 
     def _read(self, start: int, stop: int, array) -> np.ndarray:
-        """Rows start..stop of ``array``, every value checked (see :meth:`_read_into`)."""
+        """Rows start..stop of ``array``, every value checked (see :meth:`_read_into`); an
+        array already in memory is not copied."""
+        if isinstance(array, np.ndarray):
+            self._check_rows(array[start:stop], start, every_value=True)
+            return array[start:stop]
         out = np.empty((stop - start, *array.shape[1:]), array.dtype)
         self._read_into(out, start, stop, array, every_value=True)
         return out
@@ -322,8 +328,11 @@ class FeatureLoader:
                 f"{self.name}: rows {start}..{stop} cannot be read ({type(err).__name__}: {err}); "
                 "the cache is damaged, write it again with `greedy-cli cache-features`"
             ) from err
-        for first in range(0, len(out), 4096):
-            block = out[first : first + 4096].reshape(-1, int(np.prod(out.shape[1:])))
+        self._check_rows(out, start, every_value)
+
+    def _check_rows(self, rows: np.ndarray, start: int, every_value: bool) -> None:
+        for first in range(0, len(rows), 4096):
+            block = rows[first : first + 4096].reshape(-1, int(np.prod(rows.shape[1:])))
             if not every_value:
                 block = block[:, :1]
             bad = np.flatnonzero(~finite(block).all(axis=1))

@@ -66,9 +66,3 @@ def rounding_step(exact: np.ndarray, name: str) -> np.ndarray:
     if name == "bfloat16":
         return np.maximum(np.abs(exact) * 2.0**-7, 2.0**-133)
     return np.abs(exact) * 2.0**-23
-
-
-def name_of(array_or_dtype) -> str:
-    """The storage dtype of a stored array (uint16 is bfloat16)."""
-    dtype = np.dtype(getattr(array_or_dtype, "dtype", array_or_dtype))
-    return {np.dtype(v): k for k, v in _ARRAY_DTYPE.items()}[dtype]

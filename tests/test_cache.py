@@ -41,10 +41,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def store_bytes(url: str) -> dict[str, bytes]:
-    """Every file of a store by key, the manifest without its timing."""
+    """Every file of a store by key, the manifest without its timing and the writers'
+    claims (a released claim names its writer) left out."""
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
     files = {p[len(root) + 1 :]: fs.cat_file(p) for p in fs.find(root)}
+    files = {k: v for k, v in files.items() if not k.startswith(LEASE_DIR)}
     manifest = json.loads(files.pop("zarr.json"))
     manifest["attributes"][MANIFEST_KEY].pop("seconds", None)
     files["zarr.json"] = json.dumps(manifest, sort_keys=True).encode()
@@ -86,7 +88,8 @@ def test_store_records_every_chunk(run, reference):
     records = [k for k in reference if k.startswith("_greedy/chunks/")]
     assert len(records) == 16 + 4
     assert manifest["chunk_samples"] == 33
-    assert not any(k.startswith(LEASE_DIR) for k in store_bytes(str(run.features_path(0))))
+    holder = lease_holder(_Store(str(run.features_path(0))))
+    assert holder["released"] and holder["generation"] == 0
 
 
 @pytest.mark.parametrize("fault", ["train:0:before", "train:5:mid", "train:15:after", "test:3:mid"])
@@ -355,6 +358,79 @@ def test_cli_refuses_two_kinds_of_cluster(run):
 
     args = ("cache-features", "--run", run.root, "--j", 0)
     refused(*args, "--dask-workers", 2, "--scheduler", "tcp://127.0.0.1:1", match="not both")
+
+
+def test_a_released_claim_keeps_its_generation(run):
+    """Numbers are never reused: a writer that finds its old claim is not the newest stops."""
+    url = str(run.features_path(0))
+    first = Lease(url, ttl=600).acquire()
+    first._stop.set()  # no renewals by the thread: this test renews by hand
+    second = None
+    try:
+        # first stalls past its time; second takes over, writes and releases.
+        first.store.write(f"{LEASE_DIR}/{0:012d}.json", first._claim(renewed=0.0, ttl=1))
+        with Lease(url, ttl=600) as second:
+            assert second.generation == 1
+        assert lease_holder(first.store)["released"]
+        first.renew()
+        assert first.lost
+        with Lease(url, ttl=600) as third:
+            assert third.generation == 2
+    finally:
+        first.release()
+    assert second is not None and lease_holder(first.store)["generation"] == 2
+
+
+def test_a_takeover_between_the_look_and_the_renewal_is_noticed(run):
+    url = str(run.features_path(0))
+    lease = Lease(url, ttl=600).acquire()
+    write = lease.store.write
+
+    def taken_over_then_write(key, data):
+        _claim(run, lease.generation + 1, token="other", renewed=time.time(), ttl=600)
+        write(key, data)
+
+    try:
+        lease.store.write = taken_over_then_write
+        lease.renew()
+        assert lease.lost
+    finally:
+        lease.store.write = write
+        lease.release()
+    assert lease_holder(lease.store)["token"] == "other"
+
+
+def test_a_writer_that_cannot_renew_stops(run):
+    lease = Lease(str(run.features_path(0)), ttl=600).acquire()
+    try:
+        lease.check()
+        lease.renewed = time.time() - 500
+        with pytest.raises(CacheError, match="could not be renewed for 500 s"):
+            lease.check()
+    finally:
+        lease.release()
+
+
+def test_a_takeover_deletes_only_older_claims(run):
+    _claim(run, 2, renewed=time.time() - 120, ttl=60)
+    stray = run.features_path(0) / LEASE_DIR / "000000000003.json.1234.tmp"
+    stray.write_text("being written by a writer that lost the race")
+    with Lease(str(run.features_path(0)), ttl=600) as lease:
+        assert lease.generation == 3
+        assert not (run.features_path(0) / LEASE_DIR / f"{2:012d}.json").exists()
+        assert stray.exists()
+
+
+def test_the_claim_file_of_earlier_versions_is_respected(run):
+    legacy = run.features_path(0) / "_greedy" / "lease.json"
+    legacy.parent.mkdir(parents=True)
+    claim = {"host": "node-8", "pid": 5, "token": "old", "renewed": time.time(), "ttl": 600}
+    legacy.write_text(json.dumps(claim))
+    with pytest.raises(CacheError, match="being written by host node-8 process 5"):
+        cache_features(settings(run))
+    legacy.write_text(json.dumps({**claim, "renewed": time.time() - 1200}))
+    cache_features(settings(run))
+    assert cache_state(run, 0) == "current" and not legacy.exists()
 
 
 def test_writer_whose_lease_was_taken_over_stops(run):

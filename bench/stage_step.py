@@ -1,7 +1,9 @@
 """Figure 1: the training step of each stage, from the cache, recomputing the trunk, and on
 inputs already in memory as tensors (the limit for the cached path).
 
-For each stage j of a preset on a prepared dataset: a run whose stages are trained for
+Presets: ``fmnist`` on Fashion-MNIST and the paper's ``cifar10-k3`` on CIFAR-shaped
+data made for the purpose (:func:`cifar_shaped`). For each stage j of a preset on a
+prepared dataset: a run whose stages are trained for
 one step (the weights do not change a step's cost) and cached, then ``steps`` timed
 training steps of stage j and its head per mode, after ``warmup`` untimed ones:
 
@@ -91,10 +93,44 @@ def measure(preset: str, data: Path, steps: int, root: Path) -> list[dict]:
     return rows
 
 
+def cifar_shaped(root: Path, per_batch: int = 256) -> Path:
+    """A CIFAR-10 dataset of random pixels, prepared: CIFAR's layout and shapes, made here.
+
+    Six batches of ``per_batch`` 32x32x3 images (five for training, one for test) in the
+    python-pickle layout that ``prepare cifar10`` reads; the step times measured on it
+    are those of CIFAR-10's, since a step's cost does not depend on the pixels.
+    """
+    import pickle
+
+    import numpy as np
+
+    from pipeline.prepare import PrepareSettings, prepare
+
+    src = root / "cifar-10-batches-py"
+    src.mkdir(parents=True)
+    names = [f"class{i}".encode() for i in range(10)]
+    with open(src / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names}, f)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8)
+        labels = rng.integers(0, 10, per_batch).tolist()
+        with open(src / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f)
+    out = root / "cifar10"
+    prepare(PrepareSettings(dataset="cifar10", src=src, out=out))
+    return out
+
+
 def run(small: bool = False, data: Path | None = None) -> dict:
+    """fmnist on Fashion-MNIST, then (unless ``small``) cifar10-k3 on CIFAR-shaped data."""
     data = data or Path("data/fashion-mnist")
+    steps = 10 if small else 50
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measure("fmnist", data, 10 if small else 50, Path(tmp))
+        rows = measure("fmnist", data, steps, Path(tmp))
+        if not small:
+            cifar = cifar_shaped(Path(tmp) / "cifar-shaped")
+            rows += measure("cifar10-k3", cifar, steps, Path(tmp))
     return {"data": str(data), "warmup_steps": WARMUP, "stages": rows}
 
 

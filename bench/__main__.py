@@ -11,7 +11,7 @@ import time
 
 from bench.common import save
 
-BENCHMARKS = ("prepare", "loader", "stage_step", "cache_write", "whole_run")
+BENCHMARKS = ("prepare", "loader", "stage_step", "cache_write", "storage", "whole_run")
 
 
 def main(argv: list[str] | None = None) -> int:

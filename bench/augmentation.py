@@ -48,8 +48,9 @@ LABELS = {
 VIEWS = {"noaug": 1, "v2": 2, "v4": 4, "v8": 8}
 
 
-def run_row(name: str, data: Path, out: Path, preset: str = "fmnist") -> None:
-    """Both seeds of a row side by side; each run's wall time goes to OUT/<row>-s<seed>.wall."""
+def run_row(name: str, extra: list[str], data: Path, out: Path, preset: str = "fmnist") -> None:
+    """Both seeds of a row (``run PRESET`` with ``extra`` arguments) side by side, one core
+    each; each run's wall time goes to OUT/<row>-s<seed>.wall."""
     procs = []
     for seed in SEEDS:
         run_dir = out / f"{name}-s{seed}"
@@ -59,7 +60,7 @@ def run_row(name: str, data: Path, out: Path, preset: str = "fmnist") -> None:
         log = open(out / f"{name}-s{seed}.log", "w")  # noqa: SIM115 - closed below
         started = time.perf_counter()
         proc = subprocess.Popen(
-            args + ROWS[name], stdout=log, stderr=subprocess.STDOUT, env=_env(env), cwd=REPO
+            args + extra, stdout=log, stderr=subprocess.STDOUT, env=_env(env), cwd=REPO
         )
         procs.append((proc, log, started, out / f"{name}-s{seed}.wall"))
     for proc, log, started, wall in procs:
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
             if (args.out / f"{name}-s{SEEDS[-1]}" / "eval.json").exists():
                 continue  # finished earlier
             print(f"row {name} ...", flush=True)
-            run_row(name, args.data.resolve(), args.out.resolve())
+            run_row(name, ROWS[name], args.data.resolve(), args.out.resolve())
     result = collect(args.out)
     path = save("augmentation", result)
     print(show(result))

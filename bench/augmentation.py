@@ -131,25 +131,39 @@ def _epochs(out: Path) -> int | None:
     return None
 
 
+def _gaps(run: Path) -> list[float]:
+    """Seconds between the end of stage j-1's training and the start of stage j's: the
+    writing of stage j-1's cache, reading it for stage j, and the command's start."""
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ended = {e["stage"]: e["time"] for e in events if e["event"] == "stage_trained"}
+    started = {e["stage"]: e["time"] for e in events if e["event"] == "train_started"}
+    return [started[j] - ended[j - 1] for j in sorted(started) if j > 0]
+
+
 def _break_even(rows: dict, out: Path) -> dict:
     """Epochs at which stage j costs the same cached from V views as recomputed.
 
-    Cached, stage j costs E * c + w: c seconds per epoch read from the cache, w the
-    seconds of writing stage j-1's V views; recomputed it costs E * r. Caching is the
-    cheaper from E = w / (r - c) epochs on; None when a cached epoch is not cheaper.
+    Cached, stage j costs E * c + g: c seconds per epoch read from the cache, g the
+    seconds between stage j-1's training and stage j's (writing stage j-1's V views and
+    reading them back) beyond what the recomputing run spends there (starting up). Recomputed
+    it costs E * r. Caching is the cheaper from E = g / (r - c) epochs on; None when a
+    cached epoch is not cheaper.
     """
     epochs = _epochs(out)
     if "recompute" not in rows or not epochs:
         return {}
+    idle = [_mean(v) for v in zip(*(_gaps(out / f"recompute-s{s}") for s in SEEDS), strict=True)]
     result = {}
     for name, views in VIEWS.items():
         if name not in rows:
             continue
+        gaps = [_mean(v) for v in zip(*(_gaps(out / f"{name}-s{s}") for s in SEEDS), strict=True)]
         per_stage = []
         for j in range(1, len(rows[name]["seeds"][0]["train_seconds"])):
             c = _mean(s["train_seconds"][j] for s in rows[name]["seeds"]) / epochs
             r = _mean(s["train_seconds"][j] for s in rows["recompute"]["seeds"]) / epochs
             w = _mean(s["cache_seconds"][j - 1] for s in rows[name]["seeds"])
+            g = gaps[j - 1] - idle[j - 1]
             per_stage.append(
                 {
                     "stage": j,
@@ -157,7 +171,8 @@ def _break_even(rows: dict, out: Path) -> dict:
                     "cached_epoch_s": round(c, 1),
                     "recomputed_epoch_s": round(r, 1),
                     "write_s": round(w, 1),
-                    "break_even_epochs": round(w / (r - c), 2) if r > c else None,
+                    "write_and_read_s": round(g, 1),
+                    "break_even_epochs": round(g / (r - c), 2) if r > c else None,
                 }
             )
         result[name] = per_stage
@@ -193,13 +208,22 @@ def show(result: dict) -> str:
             b["cached_epoch_s"],
             b["recomputed_epoch_s"],
             b["write_s"],
+            b["write_and_read_s"],
             "never" if b["break_even_epochs"] is None else b["break_even_epochs"],
         ]
         for name, stages in result["break_even"].items()
         for b in stages
     ]
     if lines:
-        header = ["row", "stage", "cached epoch s", "recomputed epoch s", "write s", "break-even"]
+        header = [
+            "row",
+            "stage",
+            "cached epoch s",
+            "recomputed epoch s",
+            "write s",
+            "write + read s",
+            "break-even epochs",
+        ]
         out.append(table(header, lines))
     return "\n\n".join(out)
 

@@ -21,6 +21,7 @@ hours on a 2-core machine and needs ~25 GB of disk while V = 8 runs.
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -50,7 +51,7 @@ VIEWS = {"noaug": 1, "v2": 2, "v4": 4, "v8": 8}
 
 def run_row(name: str, extra: list[str], data: Path, out: Path, preset: str = "fmnist") -> None:
     """Both seeds of a row (``run PRESET`` with ``extra`` arguments) side by side, one core
-    each; each run's wall time goes to OUT/<row>-s<seed>.wall."""
+    each; each run's wall time goes to OUT/<row>-s<seed>.wall.json."""
     procs = []
     for seed in SEEDS:
         run_dir = out / f"{name}-s{seed}"
@@ -62,29 +63,24 @@ def run_row(name: str, extra: list[str], data: Path, out: Path, preset: str = "f
         proc = subprocess.Popen(
             args + extra, stdout=log, stderr=subprocess.STDOUT, env=_env(env), cwd=REPO
         )
-        procs.append((proc, log, started, out / f"{name}-s{seed}.wall"))
+        procs.append((proc, log, started, out / f"{name}-s{seed}.wall.json"))
     for proc, log, started, wall in procs:
         code = proc.wait()
         log.close()
         if code:
             raise SystemExit(f"row {name}: a run failed with status {code}; see {log.name}")
-        wall.write_text(f"{time.perf_counter() - started:.1f}\n")
+        wall.write_text(json.dumps({"wall_s": round(time.perf_counter() - started, 1)}) + "\n")
     for seed in SEEDS:  # the caches are not needed once evaluated
         shutil.rmtree(out / f"{name}-s{seed}" / "features", ignore_errors=True)
 
 
 def _env(extra: dict) -> dict:
-    import os
-
     return {**os.environ, "PYTHONPATH": str(REPO), **extra}
 
 
 def _wall(out: Path, name: str, seed: int) -> float | None:
-    for path in (out / f"{name}-s{seed}.wall", out / f"{name}-s{seed}.wall.json"):
-        if path.exists():
-            text = path.read_text()
-            return float(json.loads(text)["wall_s"]) if path.suffix == ".json" else float(text)
-    return None
+    path = out / f"{name}-s{seed}.wall.json"
+    return float(json.loads(path.read_text())["wall_s"]) if path.exists() else None
 
 
 def collect(out: Path) -> dict:

@@ -595,10 +595,10 @@ class Lease:
                     holder.get("pid"),
                 )
         generation = 0 if holder is None else holder["generation"] + 1
-        claim = self._claim()
-        if not self.store.create(_lease_key(generation), claim):
+        now = time.time()
+        if not self.store.create(_lease_key(generation), self._claim(renewed=now)):
             raise self._refuse(lease_holder(self.store) or {}, at_once=True)
-        self.generation, self.renewed = generation, json.loads(claim)["renewed"]
+        self.generation, self.renewed = generation, now
         for older in _claims(self.store):  # the claims this one replaces
             if older < generation:
                 self.store.delete(_lease_key(older))
@@ -636,13 +636,13 @@ class Lease:
         if (self.holder() or {}).get("token") != self.token:
             self.lost = True
             return
-        claim = self._claim()
-        self.store.write(_lease_key(self.generation), claim)
+        now = time.time()
+        self.store.write(_lease_key(self.generation), self._claim(renewed=now))
         # A takeover between the look and the write leaves a higher claim: look again.
         if max(_claims(self.store), default=-1) > self.generation:
             self.lost = True
             return
-        self.renewed = json.loads(claim)["renewed"]
+        self.renewed = now
 
     def check(self) -> None:
         if self.lost:

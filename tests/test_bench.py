@@ -26,7 +26,7 @@ def _row(out, name, seed, train, cache, gaps, final=90.0, wall=100.0):
         now += seconds
         events.append({"event": "stage_trained", "stage": j, "time": now})
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-    (out / f"{name}-s{seed}.wall").write_text(f"{wall}\n")
+    (out / f"{name}-s{seed}.wall.json").write_text(json.dumps({"wall_s": wall}))
 
 
 def test_break_even_epochs(tmp_path):

@@ -16,6 +16,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 
 from pipeline.augment import view_choice
+from pipeline.chunks import LocalChunks
 from pipeline.datasets import DatasetInfo
 from pipeline.errors import CacheError
 from pipeline.storage import finite, to_tensor
@@ -154,6 +155,8 @@ class FeatureLoader:
         self.num_samples = features.shape[0]
         self.buffer_chunks = buffer_chunks
         self.name = name
+        # Chunk files on a local disk are read directly (see pipeline.chunks).
+        self._direct = {id(v): LocalChunks.of(v) for v in self.views}
         nbytes = int(np.prod(features.shape)) * features.dtype.itemsize * len(self.views)
         self._in_memory = None
         if nbytes <= memory_budget:
@@ -319,7 +322,9 @@ class FeatureLoader:
         checked, which keeps the check out of the way of a streaming epoch.
         """
         try:
-            if isinstance(array, zarr.Array):
+            if (direct := self._direct.get(id(array))) is not None:
+                direct.read_into(out, start, stop)
+            elif isinstance(array, zarr.Array):
                 array.get_basic_selection(slice(start, stop), out=_as_nd_buffer(out))
             else:
                 out[...] = np.asarray(array[start:stop])

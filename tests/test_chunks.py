@@ -63,7 +63,9 @@ def test_a_truncated_chunk_is_named(tmp_path, codec):
 
 def test_zarr_reads_every_other_store(tmp_path):
     values = np.ones((100, 3), np.float16)
-    in_memory = zarr.create_array(zarr.storage.MemoryStore(), shape=(100, 3), chunks=(10, 3), dtype="f2")
+    in_memory = zarr.create_array(
+        zarr.storage.MemoryStore(), shape=(100, 3), chunks=(10, 3), dtype="f2"
+    )
     in_memory[:] = values
     assert LocalChunks.of(in_memory) is None
     assert LocalChunks.of(values) is None

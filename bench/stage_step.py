@@ -20,9 +20,13 @@ import torch
 from torch.nn import functional as F
 
 WARMUP = 5
+# One cifar10-k3 step at batch 128 is about 1 GMAC per sample, forward and backward: seconds
+# on this 2-core machine, so the suite times fewer of them here (bench/gpu.py times 50).
+CIFAR_STEPS_ON_CPU = 8
+CIFAR_WARMUP_ON_CPU = 2
 
 
-def _time_steps(run, j: int, batches, steps: int, trunk=None) -> float:
+def _time_steps(run, j: int, batches, steps: int, trunk=None, warmup: int = WARMUP) -> float:
     """Seconds per step of stage j and its head over ``batches``, after the warm-up."""
     stage, head = run.build_stage(j)
     params = [*stage.parameters(), *head.parameters()]
@@ -32,7 +36,7 @@ def _time_steps(run, j: int, batches, steps: int, trunk=None) -> float:
     )
     started, done = None, 0
     for k, (x, y) in enumerate(batches):
-        if k == WARMUP:
+        if k == warmup:
             started = time.perf_counter()
         if trunk is not None:
             with torch.no_grad():
@@ -42,10 +46,10 @@ def _time_steps(run, j: int, batches, steps: int, trunk=None) -> float:
         loss.backward()
         opt.step()
         done = k + 1
-        if done == WARMUP + steps:
+        if done == warmup + steps:
             break
-    if done < WARMUP + steps:
-        raise SystemExit(f"stage {j}: fewer than {WARMUP + steps} batches to time")
+    if done < warmup + steps:
+        raise SystemExit(f"stage {j}: fewer than {warmup + steps} batches to time")
     return (time.perf_counter() - started) / steps
 
 
@@ -57,7 +61,7 @@ def _epochs(loader):
         epoch += 1
 
 
-def measure(preset: str, data: Path, steps: int, root: Path) -> list[dict]:
+def measure(preset: str, data: Path, steps: int, root: Path, warmup: int = WARMUP) -> list[dict]:
     from pipeline.cache import CacheSettings, cache_features, stage_input
     from pipeline.rundir import Run
     from pipeline.train import TrainSettings, order_seed, train_layer
@@ -70,17 +74,18 @@ def measure(preset: str, data: Path, steps: int, root: Path) -> list[dict]:
         bs = run.arch.training.batch_size
         common = {"shuffle": True, "seed": order_seed(run.seed, j), "drop_last": True}
         loader, _, _ = stage_input(run, j, "train", bs, source="cache", **common)
-        cached = _time_steps(run, j, _epochs(loader), steps)
-        memory = [b for _, b in zip(range(WARMUP + steps), _epochs(loader), strict=False)]
-        in_memory = _time_steps(run, j, iter(memory), steps)
+        cached = _time_steps(run, j, _epochs(loader), steps, warmup=warmup)
+        memory = [b for _, b in zip(range(warmup + steps), _epochs(loader), strict=False)]
+        in_memory = _time_steps(run, j, iter(memory), steps, warmup=warmup)
         loader, trunk, _ = stage_input(run, j, "train", bs, source="recompute", **common)
-        recompute = _time_steps(run, j, _epochs(loader), steps, trunk)
+        recompute = _time_steps(run, j, _epochs(loader), steps, trunk, warmup=warmup)
         rows.append(
             {
                 "preset": preset,
                 "stage": j,
                 "batch_size": bs,
                 "steps": steps,
+                "warmup_steps": warmup,
                 "cache_s": cached,
                 "recompute_s": recompute,
                 "memory_s": in_memory,
@@ -130,8 +135,10 @@ def run(small: bool = False, data: Path | None = None) -> dict:
         rows = measure("fmnist", data, steps, Path(tmp))
         if not small:
             cifar = cifar_shaped(Path(tmp) / "cifar-shaped")
-            rows += measure("cifar10-k3", cifar, steps, Path(tmp))
-    return {"data": str(data), "warmup_steps": WARMUP, "stages": rows}
+            rows += measure(
+                "cifar10-k3", cifar, CIFAR_STEPS_ON_CPU, Path(tmp), warmup=CIFAR_WARMUP_ON_CPU
+            )
+    return {"data": str(data), "stages": rows}
 
 
 def show(result: dict) -> str:

@@ -75,7 +75,7 @@ class ImageLoader:
         from ffcv.fields.ndarray import NDArrayDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader
-        from ffcv.transforms import Squeeze, ToTensor
+        from ffcv.transforms import NormalizeImage, Squeeze, ToTensor
 
         self.split = split
         self.batch_size = batch_size
@@ -83,10 +83,18 @@ class ImageLoader:
         self.num_samples = n
         self.drop_last = drop_last
         self._order = _make_order(seed, shuffle, batch_size, drop_last)
+        mean, std = np.asarray(info.mean), np.asarray(info.std)
         if info.kind == "array":
-            decoder = NDArrayDecoder()
+            image = [NDArrayDecoder(), ToTensor()]
         else:
-            decoder = CenterCropRGBImageDecoder(image_shape[1:], ratio=224 / 256)
+            # RGB images are normalised by FFCV's workers, through a table of 256 values a
+            # channel, and reach this process as float32 (N, H, W, C).
+            image = [
+                CenterCropRGBImageDecoder(image_shape[1:], ratio=224 / 256),
+                NormalizeImage(mean * 255, std * 255, np.float32),
+                ToTensor(),
+            ]
+        self._normalised = info.kind != "array"
         self._loader = Loader(
             str(info.path(split)),
             batch_size=batch_size,
@@ -95,12 +103,12 @@ class ImageLoader:
             indices=indices,
             drop_last=drop_last,
             pipelines={
-                "image": [decoder, ToTensor()],
+                "image": image,
                 "label": [IntDecoder(), ToTensor(), Squeeze()],
             },
         )
-        self._mean = torch.tensor(info.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self._std = torch.tensor(info.std, dtype=torch.float32).view(1, -1, 1, 1)
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -112,10 +120,13 @@ class ImageLoader:
         self._order.skip = start
         self._loader.next_epoch = epoch
         for images, labels in self._loader:
-            x = images.permute(0, 3, 1, 2).float().div_(255)
-            x = (x - self._mean) / self._std
-            # FFCV reuses its batch buffers: copy before handing a batch on.
-            yield x.contiguous(), labels.reshape(-1).to(torch.int64, copy=True)
+            if self._normalised:
+                # FFCV reuses its batch buffers: the copy to (N, C, H, W) is the one kept.
+                x = images.permute(0, 3, 1, 2).contiguous()
+            else:
+                x = (images.permute(0, 3, 1, 2).float().div_(255) - self._mean) / self._std
+                x = x.contiguous()
+            yield x, labels.reshape(-1).to(torch.int64, copy=True)
 
 
 class FeatureLoader:

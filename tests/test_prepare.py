@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -331,6 +332,9 @@ def test_thousand_and_one_images_read_back_in_stored_order(tmp_path):
     for x, y in loader.epoch(0):
         batches.append(len(y))
         pixels = np.rint((x.numpy() * std + mean) * 255).astype(int)
+        # Normalised as (pixel / 255 - mean) / std, whoever does the arithmetic.
+        np.testing.assert_allclose(x.numpy(), (pixels / 255 - mean) / std, rtol=1e-5, atol=1e-5)
+        assert x.dtype == torch.float32 and x.is_contiguous()
         assert (pixels[:, 2] == 7).all()
         seen += (pixels[:, 0, 0, 0] + 256 * pixels[:, 1, 0, 0]).tolist()
     assert batches == [100] * 10 + [1]

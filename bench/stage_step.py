@@ -20,10 +20,11 @@ import torch
 from torch.nn import functional as F
 
 WARMUP = 5
-# One cifar10-k3 step at batch 128 is about 1 GMAC per sample, forward and backward: seconds
-# on this 2-core machine, so the suite times fewer of them here (bench/gpu.py times 50).
-CIFAR_STEPS_ON_CPU = 8
-CIFAR_WARMUP_ON_CPU = 2
+# A cifar10-k3 step at batch 128 (about 1 GMAC a sample forward, its head included) takes
+# 4 to 7 s on the 2-core machine, so the suite times 3 of them per mode to stay within its
+# half hour; bench/gpu.py times 50 on a GPU.
+CIFAR_STEPS_ON_CPU = 3
+CIFAR_WARMUP_ON_CPU = 1
 
 
 def _time_steps(run, j: int, batches, steps: int, trunk=None, warmup: int = WARMUP) -> float:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import click
 
+from pipeline.defaults import CODEC_LEVELS, CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, STORAGE_DTYPES
 from pipeline.errors import GreedyError
 from stages.arch import ArchitectureError
 
-DTYPES = click.Choice(["float16", "bfloat16", "float32"])
+DTYPES = click.Choice(list(STORAGE_DTYPES))
 
 
 class _TqdmHandler(logging.Handler):
@@ -96,7 +97,7 @@ deterministic_option = click.option(
 @click.option(
     "--dtype",
     type=DTYPES,
-    default="float16",
+    default=DEFAULT_DTYPE,
     show_default=True,
     help="Storage dtype for the cached-bytes column.",
 )
@@ -386,7 +387,7 @@ def train_layer_cmd(
 @click.option(
     "--j", "j", required=True, type=click.IntRange(0), help="Stage whose outputs to cache."
 )
-@click.option("--dtype", type=DTYPES, default="float16", show_default=True)
+@click.option("--dtype", type=DTYPES, default=DEFAULT_DTYPE, show_default=True)
 @click.option(
     "--batch-size",
     type=click.IntRange(1),
@@ -400,11 +401,14 @@ def train_layer_cmd(
     show_default=True,
     help="Uncompressed size of one chunk of samples.",
 )
+@click.option("--codec", type=click.Choice(list(CODECS)), default=DEFAULT_CODEC, show_default=True)
 @click.option(
-    "--codec", type=click.Choice(["zstd", "lz4", "none"]), default="zstd", show_default=True
-)
-@click.option(
-    "--clevel", type=click.IntRange(0, 22), default=1, show_default=True, help="Codec level."
+    "--clevel",
+    type=click.IntRange(0, 22),
+    default=None,
+    help="Codec level. [default: "
+    + ", ".join(f"{k} {v}" for k, v in CODEC_LEVELS.items() if k != "none")
+    + "]",
 )
 @click.option(
     "--store",
@@ -530,7 +534,7 @@ def eval_cmd(run_dir, split, workers, threads):
 @click.option(
     "--dtype",
     type=DTYPES,
-    default="float16",
+    default=DEFAULT_DTYPE,
     show_default=True,
     help="Storage dtype of the feature caches.",
 )
@@ -617,7 +621,7 @@ def run_cmd(
 @click.option("--eval-samples", type=click.IntRange(0), help="Eval samples [default: DATA's].")
 @click.option("--budget", help="Storage for caches, e.g. 4TB or 500GiB [default: unlimited].")
 @click.option("--views", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--dtype", type=DTYPES, default="float16", show_default=True)
+@click.option("--dtype", type=DTYPES, default=DEFAULT_DTYPE, show_default=True)
 @click.option(
     "--run",
     "run_dir",

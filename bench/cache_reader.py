@@ -79,7 +79,7 @@ def codec_comparison(run: Run, j: int, scratch: Path, samples: int = 10000) -> l
     values = np.asarray(features[:samples])
     sample_bytes = values[0].nbytes
     rows = []
-    for codec, level in (("zstd", 1), ("zstd", 3), ("lz4", 5), ("none", 0)):
+    for codec, level in (("zstd", 1), ("zstd", 3), ("lz4", 9), ("none", 0)):
         for chunk_mb in (1.0, 4.0, 16.0):
             chunk = max(1, int(chunk_mb * 2**20 // sample_bytes))
             path = scratch / f"codec-{codec}{level}-{chunk_mb}.zarr"

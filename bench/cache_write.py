@@ -23,6 +23,9 @@ import torch
 import zarr
 
 from bench.common import table
+from pipeline import storage
+from pipeline.cache import _compressors, codec_level
+from pipeline.defaults import DEFAULT_CODEC, DEFAULT_DTYPE
 
 PRESET = "fmnist"
 
@@ -42,13 +45,13 @@ def _inputs(run, j: int, split: str, batch_size: int) -> list[torch.Tensor]:
 def _forward(stage, batches: list[torch.Tensor]) -> tuple[float, np.ndarray]:
     started = time.perf_counter()
     with torch.no_grad():
-        out = [stage(x).numpy().astype(np.float16) for x in batches]
+        out = [storage.encode(stage(x), DEFAULT_DTYPE) for x in batches]
     seconds = time.perf_counter() - started
     return seconds, np.concatenate(out)
 
 
 def _write(values: np.ndarray, chunk: int, path: Path) -> float:
-    codec = zarr.codecs.ZstdCodec(level=1)
+    codec = _compressors(DEFAULT_CODEC, codec_level(DEFAULT_CODEC, None))
     started = time.perf_counter()
     array = zarr.create_array(
         str(path),
@@ -56,7 +59,7 @@ def _write(values: np.ndarray, chunk: int, path: Path) -> float:
         chunks=(chunk, *values.shape[1:]),
         dtype=values.dtype,
         compressors=[codec],
-        fill_value=np.nan,
+        fill_value=storage.fill_value(DEFAULT_DTYPE),
     )
     for first in range(0, len(values), chunk):
         array[first : first + chunk] = values[first : first + chunk]

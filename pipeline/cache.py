@@ -46,6 +46,7 @@ from pipeline.augment import (
     black,
     draw_views,
 )
+from pipeline.defaults import CODEC_LEVELS, CODECS, DEFAULT_CODEC
 from pipeline.errors import CacheError, RunStateError
 from pipeline.loaders import FeatureLoader, ImageLoader
 from pipeline.plan import IMAGES
@@ -56,7 +57,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST_KEY = "greedy_manifest"
 CACHE_FORMAT = 2
-CODECS = ("zstd", "lz4", "none")
 RECORDS = "_greedy/chunks"
 LEASE_DIR = "_greedy/lease"
 LEGACY_LEASE_KEY = "_greedy/lease.json"  # the claim of format-2 writers before numbered claims
@@ -76,12 +76,12 @@ class InjectedFault(BaseException):
 class CacheSettings:
     run: Path
     j: int
-    dtype: str = "float16"
+    dtype: str = storage.DEFAULT_DTYPE
     batch_size: int | None = None
     chunk_mb: float = 4.0
     region_mb: float = 256.0
-    codec: str = "zstd"
-    clevel: int = 1
+    codec: str = DEFAULT_CODEC
+    clevel: int | None = None  # the codec's level in CODEC_LEVELS
     workers: int = 2
     store: str | None = None
     dask_workers: int | None = None
@@ -736,11 +736,15 @@ def _record_key(split: str, index: int) -> str:
     return f"{RECORDS}/{split}/{index}.json"
 
 
+def codec_level(codec: str, clevel: int | None) -> int:
+    return CODEC_LEVELS[codec] if clevel is None else clevel
+
+
 def _compressors(codec: str, clevel: int):
     if codec == "zstd":
         return ZstdCodec(level=clevel)
     if codec == "lz4":
-        return BloscCodec(cname="lz4", clevel=clevel, shuffle="bitshuffle")
+        return BloscCodec(cname="lz4", clevel=clevel, shuffle="noshuffle")
     return None
 
 
@@ -805,7 +809,7 @@ def cache_features(settings: CacheSettings) -> dict:
         "dtype": settings.dtype,
         "shape": list(out_shape),
         "chunk_samples": chunk,
-        "codec": {"name": settings.codec, "level": settings.clevel},
+        "codec": {"name": settings.codec, "level": codec_level(settings.codec, settings.clevel)},
         "batch_size": batch_size,
         "splits": splits,
         "input_stage": input_stage,
@@ -895,7 +899,7 @@ def _prepare_store(
     for key in ("zarr.json", RECORDS, *manifest["splits"], *(old or {}).get("splits", {})):
         store.delete(key, recursive=True)
     group = _open_group(url, "a")
-    compressors = _compressors(settings.codec, settings.clevel)
+    compressors = _compressors(settings.codec, codec_level(settings.codec, settings.clevel))
     for split, n in manifest["splits"].items():
         group.create_array(
             f"{split}/features",

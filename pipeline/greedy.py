@@ -21,6 +21,7 @@ from pipeline.cache import (
     remove_cache,
     store_url,
 )
+from pipeline.defaults import DEFAULT_DTYPE
 from pipeline.evaluate import EvalSettings, evaluate
 from pipeline.plan import PLAN_FILE, Plan, PlanError, PlanSettings
 from pipeline.plan import plan as make_plan
@@ -38,7 +39,7 @@ class RunSettings:
     run: Path
     seed: int | None = None
     source: str = "cache"
-    dtype: str = "float16"
+    dtype: str = DEFAULT_DTYPE
     workers: int = 2
     memory_budget: int = 8 << 30
     precision: str | None = None  # fp32, or a stopped stage's own on resume

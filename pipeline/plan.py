@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.defaults import DEFAULT_DTYPE
 from pipeline.errors import GreedyError
 from stages import Architecture
 
@@ -199,7 +200,7 @@ def make_plan(
     eval_samples: int,
     budget_bytes: int | None = None,
     views: int = 1,
-    dtype: str = "float16",
+    dtype: str = DEFAULT_DTYPE,
 ) -> Plan:
     """The fastest set of cached stages whose peak storage fits ``budget_bytes``."""
     if arch.depth > MAX_SEARCH_STAGES:
@@ -233,7 +234,7 @@ def predict(
     train_samples: int,
     eval_samples: int,
     views: int = 1,
-    dtype: str = "float16",
+    dtype: str = DEFAULT_DTYPE,
 ) -> Plan:
     """The predicted time and peak storage of a run that caches the stages ``cached``."""
     costs = arch.costs(dtype)
@@ -378,7 +379,9 @@ def measure_store(store_dir: Path, nbytes: int = 256 << 20) -> tuple[float, floa
 
     import numpy as np
     import zarr
-    from zarr.codecs import ZstdCodec
+
+    from pipeline.cache import _compressors, codec_level
+    from pipeline.defaults import DEFAULT_CODEC
 
     rng = np.random.default_rng(0)
     rows, row = 4096, nbytes // (4096 * 2)
@@ -391,7 +394,7 @@ def measure_store(store_dir: Path, nbytes: int = 256 << 20) -> tuple[float, floa
             shape=(rows, row),
             chunks=(256, row),
             dtype="float16",
-            compressors=ZstdCodec(level=1),
+            compressors=_compressors(DEFAULT_CODEC, codec_level(DEFAULT_CODEC, None)),
         )
         started = time.perf_counter()
         for i in range(0, rows, 256):
@@ -414,7 +417,7 @@ class PlanSettings:
     eval_samples: int | None = None
     budget_bytes: int | None = None
     views: int = 1
-    dtype: str = "float16"
+    dtype: str = DEFAULT_DTYPE
     run: Path | None = None
     macs_per_s: float | None = None
     images_per_s: float | None = None

@@ -10,7 +10,8 @@ dtype; a uint16 feature array always holds bfloat16 bits. bfloat16 keeps float32
 import numpy as np
 import torch
 
-STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+from pipeline.defaults import DEFAULT_DTYPE, STORAGE_DTYPES  # noqa: F401 - re-exported
+
 _ARRAY_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 _BF16_NAN = 0x7FC0
 _BF16_EXPONENT = 0x7F80  # all ones: an infinity or a NaN

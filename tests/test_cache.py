@@ -54,7 +54,8 @@ def store_bytes(url: str) -> dict[str, bytes]:
 
 
 def settings(run: Run, **kw) -> CacheSettings:
-    return CacheSettings(run=run.root, j=0, chunk_mb=CHUNK_MB, **kw)
+    """float16 unless told: the overflow and rounding tests are float16's."""
+    return CacheSettings(run=run.root, j=0, chunk_mb=CHUNK_MB, **{"dtype": "float16", **kw})
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,7 @@ def test_resume_after_a_crash_is_byte_identical(run, reference, fault, monkeypat
 def test_resume_after_a_kill_takes_over_the_dead_writers_lease(run, reference, caplog):
     env = {**os.environ, FAULT_ENV: "train:7:mid:exit", "PYTHONPATH": str(REPO)}
     args = ["cache-features", "--run", str(run.root), "--j", "0", "--chunk-mb", str(CHUNK_MB)]
+    args += ["--dtype", "float16"]
     killed = subprocess.run(
         [sys.executable, str(REPO / "cli.py"), *args], env=env, capture_output=True, text=True
     )
@@ -348,7 +350,7 @@ def test_cli_verify_reports_and_records(run):
     refused("cache-features", "--run", run.root, "--j", 0, "--verify", match="is missing, so there")
     ok("cache-features", "--run", run.root, "--j", 0, "--chunk-mb", CHUNK_MB)
     out = ok("cache-features", "--run", run.root, "--j", 0, "--verify", "--verify-rows", 5).output
-    assert "20 chunks match their checksums, 10 recomputed rows match within float16" in out
+    assert "20 chunks match their checksums, 10 recomputed rows match within bfloat16" in out
     manifest = zarr.open_group(str(run.features_path(0)), mode="r").attrs[MANIFEST_KEY]
     assert manifest["verified"]["ok"] is True and manifest["verified"]["rows_checked"] == 10
 
@@ -474,13 +476,13 @@ def test_unfinished_store_is_kept_when_the_options_differ(run, reference, monkey
     monkeypatch.delenv(FAULT_ENV)
     before = store_bytes(str(run.features_path(0)))
     with pytest.raises(CacheError, match=r"unfinished store .* other --chunk-mb .*--chunk-mb"):
-        cache_features(CacheSettings(run=run.root, j=0))
+        cache_features(CacheSettings(run=run.root, j=0, dtype="float16"))
     assert store_bytes(str(run.features_path(0))) == before
 
     command = run_status(run.root).next_command
     assert command.startswith(f"greedy-cli cache-features --run {run.root} --j 0 --dtype float16")
     chunk_mb = float(command.split("--chunk-mb ")[1].split()[0])
-    cache_features(CacheSettings(run=run.root, j=0, chunk_mb=chunk_mb))
+    cache_features(CacheSettings(run=run.root, j=0, chunk_mb=chunk_mb, dtype="float16"))
     assert store_bytes(str(run.features_path(0))) == reference
 
 

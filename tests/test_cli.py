@@ -275,9 +275,9 @@ def test_cache_features_writes_every_split(run_dir, tiny_data):
     assert "train 512, test 128" in result.output
     group = zarr.open_group(str(run_dir / "features" / "stage_0.zarr"), mode="r")
     manifest = group.attrs[MANIFEST_KEY]
-    assert manifest["complete"] and manifest["dtype"] == "float16"
+    assert manifest["complete"] and manifest["dtype"] == "bfloat16"
     assert group["train/features"].shape == (512, 8, 14, 14)
-    assert group["test/features"].dtype == np.float16
+    assert group["test/features"].dtype == np.uint16  # bfloat16 bits
     # Labels follow the dataset's stored order, the last partial batch included.
     source = next(p for p in tiny_data.parent.glob("fmnist-src*/t10k-labels-idx1-ubyte.gz"))
     with gzip.open(source) as f:

@@ -45,9 +45,9 @@ def _within_float16_rounding(stored: np.ndarray, exact: np.ndarray) -> None:
 def test_float16_cache_is_the_stage_applied_to_its_input(trained_run):
     run = trained_run
     train_layer(TrainSettings(run=run.root, j=0, max_steps=10), run)
-    cache_features(CacheSettings(run=run.root, j=0))
+    cache_features(CacheSettings(run=run.root, j=0, dtype="float16"))
     train_layer(TrainSettings(run=run.root, j=1, max_steps=10), run)
-    cache_features(CacheSettings(run=run.root, j=1))
+    cache_features(CacheSettings(run=run.root, j=1, dtype="float16"))
     stage0, _ = run.load_stage(0)
     stage1, _ = run.load_stage(1)
 

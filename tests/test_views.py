@@ -52,9 +52,9 @@ def view_run(tmp_path_factory, tiny_data):
         5,
         "--augment",
     )
-    ok("cache-features", "--run", run, "--j", 0, "--views", 3)
+    ok("cache-features", "--run", run, "--j", 0, "--views", 3, "--dtype", "float16")
     ok("train-layer", "--run", run, "--j", 1, "--steps", 5, "--augment")
-    ok("cache-features", "--run", run, "--j", 1, "--views", 3)
+    ok("cache-features", "--run", run, "--j", 1, "--views", 3, "--dtype", "float16")
     return run
 
 
@@ -159,5 +159,5 @@ def test_each_chunk_is_read_from_the_view_the_epoch_chooses(view_run):
 def test_describe_counts_views():
     one = ok("describe", "fmnist").output
     four = ok("describe", "fmnist", "--views", "4").output
-    assert "cached (float16)" in one and "24.5 KiB" in one
-    assert "cached (float16, 4 views)" in four and "98.0 KiB" in four
+    assert "cached (bfloat16)" in one and "24.5 KiB" in one
+    assert "cached (bfloat16, 4 views)" in four and "98.0 KiB" in four

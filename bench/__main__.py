@@ -24,14 +24,20 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark {unknown}; choose from {list(BENCHMARKS)} or all")
 
+    suffix = "-small" if args.small else ""
+    results = {}
     for name in names:
         module = importlib.import_module(f"bench.{name}")
         started = time.perf_counter()
-        result = module.run(small=args.small)
+        result = results[name] = module.run(small=args.small)
         result["bench_seconds"] = time.perf_counter() - started
-        path = save(name + ("-small" if args.small else ""), result)
+        path = save(name + suffix, result)
         print(f"\n== {name} ({result['bench_seconds']:.0f} s) -> {path}")
         print(module.show(result))
+    if "all" in args.names:
+        total = sum(r["bench_seconds"] for r in results.values())
+        path = save("all" + suffix, {"total_seconds": total, "benchmarks": results})
+        print(f"\n== all: {total / 60:.1f} minutes -> {path}")
     return 0
 
 

@@ -46,6 +46,7 @@ from pipeline.augment import (
     black,
     draw_views,
 )
+from pipeline.chunks import LocalChunks
 from pipeline.defaults import CODEC_LEVELS, CODECS, DEFAULT_CODEC
 from pipeline.errors import CacheError, RunStateError
 from pipeline.loaders import FeatureLoader, ImageLoader
@@ -1245,12 +1246,18 @@ def _write_chunk(job: _Job, store: _Store, features, labels, index, out, y, leas
     feature_key, label_key = _chunk_keys(job.split, index, features.ndim)
 
     _fault(job, index, "before")
-    features[a : a + len(out)] = out
+    # A whole chunk on a local disk is encoded and written directly (pipeline.chunks).
+    direct = LocalChunks.of(features)
+    feature_bytes = direct.write(index, out) if direct is not None else None
+    if feature_bytes is None:
+        features[a : a + len(out)] = out
     labels[a : a + len(out)] = y
     _fault(job, index, "mid", store, feature_key)
     _fault(job, index, "after")
 
-    feature_bytes, label_bytes = store.read(feature_key), store.read(label_key)
+    if feature_bytes is None:
+        feature_bytes = store.read(feature_key)
+    label_bytes = store.read(label_key)
     record = {
         "rows": [a, a + len(out)],
         "features": _sha(feature_bytes),

@@ -11,7 +11,7 @@ from pipeline.errors import CacheError
 from pipeline.loaders import FeatureLoader
 
 
-def _array(path, codec: str, dtype: str, n: int = 1000, chunk: int = 64):
+def _array(path, codec: str, dtype: str, n: int = 1000, chunk: int = 64, write: bool = True):
     rng = np.random.default_rng(0)
     values = rng.standard_normal((n, 3, 2, 2)).astype(np.float32)
     values = values.astype(dtype) if dtype != "uint16" else values.view(np.uint32).astype(np.uint16)
@@ -23,7 +23,8 @@ def _array(path, codec: str, dtype: str, n: int = 1000, chunk: int = 64):
         compressors=_compressors(codec, 1),
         fill_value=0x7FC0 if dtype == "uint16" else float("nan"),
     )
-    array[:] = values
+    if write:
+        array[:] = values
     return array, values
 
 
@@ -78,3 +79,17 @@ def test_zstd_header_gives_the_content_size(nbytes):
     frame = numcodecs.Zstd(level=1).encode(np.zeros(nbytes, np.uint8))
     assert _zstd_content_size(bytes(frame)) == nbytes
     assert _zstd_content_size(b"not a zstd frame") is None
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4", "none"])
+@pytest.mark.parametrize("dtype", ["float16", "uint16", "float32"])
+def test_direct_writes_are_zarrs_bytes(tmp_path, codec, dtype):
+    by_zarr, values = _array(tmp_path / "zarr.zarr", codec, dtype, n=192)
+    direct, _ = _array(tmp_path / "direct.zarr", codec, dtype, n=192, write=False)
+    writer = LocalChunks.of(direct)
+    for index in range(3):
+        written = writer.write(index, values[index * 64 : (index + 1) * 64])
+        key = f"c/{index}/0/0/0"
+        assert written == (tmp_path / "zarr.zarr" / key).read_bytes()
+        assert (tmp_path / "direct.zarr" / key).read_bytes() == written
+    assert writer.write(0, values[:10]) is None  # a partial chunk is zarr's to pad

@@ -398,7 +398,9 @@ def test_real_fashion_mnist_end_to_end(tmp_path):
     assert report["final"]["samples"] == 10000
     assert report["final"]["top1"] > 75  # 10,000 training images, 2 epochs per stage
     fidelity = report["cache_fidelity"][0]
-    assert fidelity["max_rel_diff"] < 2e-3
+    # bfloat16 caches (the default) round to half a step, 2^-8 = 3.9e-3 of a value;
+    # measured 2.4e-3 of the largest value here.
+    assert fidelity["max_rel_diff"] < 2.0**-8
 
 
 def test_missing_feature_chunk_is_refused(run_dir):

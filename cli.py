@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from pipeline.defaults import CODEC_LEVELS, CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, STORAGE_DTYPES
+from pipeline.defaults import (
+    CODEC_LEVEL_RANGES,
+    CODEC_LEVELS,
+    CODECS,
+    DEFAULT_CODEC,
+    DEFAULT_DTYPE,
+    STORAGE_DTYPES,
+)
 from pipeline.errors import GreedyError
 from stages.arch import ArchitectureError
 
@@ -406,9 +413,13 @@ def train_layer_cmd(
     "--clevel",
     type=click.IntRange(0, 22),
     default=None,
-    help="Codec level. [default: "
-    + ", ".join(f"{k} {v}" for k, v in CODEC_LEVELS.items() if k != "none")
-    + "]",
+    help="Codec level: "
+    + ", ".join(
+        f"{k} {CODEC_LEVEL_RANGES[k][0]}-{CODEC_LEVEL_RANGES[k][1]} (default {v})"
+        for k, v in CODEC_LEVELS.items()
+        if k != "none"
+    )
+    + ".",
 )
 @click.option(
     "--store",

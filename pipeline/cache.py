@@ -47,7 +47,7 @@ from pipeline.augment import (
     draw_views,
 )
 from pipeline.chunks import LocalChunks
-from pipeline.defaults import CODEC_LEVELS, CODECS, DEFAULT_CODEC
+from pipeline.defaults import CODEC_LEVEL_RANGES, CODEC_LEVELS, CODECS, DEFAULT_CODEC
 from pipeline.errors import CacheError, RunStateError
 from pipeline.loaders import FeatureLoader, ImageLoader
 from pipeline.plan import IMAGES
@@ -738,7 +738,15 @@ def _record_key(split: str, index: int) -> str:
 
 
 def codec_level(codec: str, clevel: int | None) -> int:
-    return CODEC_LEVELS[codec] if clevel is None else clevel
+    """The level to write ``codec`` at: its default unless given; refused out of range."""
+    if clevel is None or codec == "none":  # no compression has no level
+        return CODEC_LEVELS[codec]
+    low, high = CODEC_LEVEL_RANGES[codec]
+    if not low <= clevel <= high:
+        raise CacheError(
+            f"--clevel {clevel} is out of range for --codec {codec}: give {low} to {high}"
+        )
+    return clevel
 
 
 def _compressors(codec: str, clevel: int):
@@ -778,6 +786,7 @@ def cache_features(settings: CacheSettings) -> dict:
         )
     if settings.codec not in CODECS:
         raise CacheError(f"--codec {settings.codec} is not supported; choose one of {CODECS}")
+    codec_level(settings.codec, settings.clevel)  # refused here, before the store is touched
     if not run.stage_current(j):
         raise RunStateError(
             f"stage {j} is not trained (or is stale); run "

@@ -35,7 +35,6 @@ class LocalChunks:
         self.dtype = array.dtype
         self.chunk_bytes = self.chunk * int(np.prod(self.row_shape)) * self.dtype.itemsize
         self.fill = np.asarray(array.fill_value, self.dtype)
-        self._scratch: np.ndarray | None = None  # for chunks read in part
 
     @classmethod
     def of(cls, array) -> "LocalChunks | None":
@@ -66,6 +65,11 @@ class LocalChunks:
 
     def read_into(self, out: np.ndarray, start: int, stop: int) -> None:
         """Rows start..stop into ``out``; a chunk never written reads as the fill value."""
+        if out.dtype != self.dtype or out.shape != (stop - start, *self.row_shape):
+            raise ValueError(
+                f"a buffer of {out.dtype} {out.shape} cannot take rows {start}..{stop} of "
+                f"{self.dtype} {self.row_shape}"
+            )
         for index in range(start // self.chunk, -(-stop // self.chunk)):
             first = index * self.chunk
             lo, hi = max(start, first), min(stop, first + self.chunk)
@@ -73,11 +77,10 @@ class LocalChunks:
             whole = lo == first and hi - lo == self.chunk and target.flags.c_contiguous
             if whole:
                 self._decode(index, target)
-            else:
-                if self._scratch is None:
-                    self._scratch = np.empty((self.chunk, *self.row_shape), self.dtype)
-                self._decode(index, self._scratch)
-                target[...] = self._scratch[lo - first : hi - first]
+            else:  # a chunk read in part: decoded whole, then copied from
+                scratch = np.empty((self.chunk, *self.row_shape), self.dtype)
+                self._decode(index, scratch)
+                target[...] = scratch[lo - first : hi - first]
 
     def _decode(self, index: int, out: np.ndarray) -> None:
         key = self.array.metadata.encode_chunk_key((index,) + (0,) * len(self.row_shape))
@@ -111,6 +114,11 @@ class LocalChunks:
         The bytes are those zarr writes for the same rows (a test compares them), without
         its event loop and with the encoding outside the interpreter lock.
         """
+        if values.dtype != self.dtype or values.shape[1:] != self.row_shape:
+            raise ValueError(
+                f"rows of {values.dtype} {values.shape[1:]} cannot be written to an array of "
+                f"{self.dtype} {self.row_shape}"
+            )
         if len(values) != self.chunk or not values.flags.c_contiguous:
             return None
         key = self.array.metadata.encode_chunk_key((index,) + (0,) * len(self.row_shape))

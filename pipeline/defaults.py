@@ -12,3 +12,4 @@ DEFAULT_DTYPE = "bfloat16"
 CODECS = ("zstd", "lz4", "none")
 DEFAULT_CODEC = "lz4"
 CODEC_LEVELS = {"zstd": 1, "lz4": 9, "none": 0}
+CODEC_LEVEL_RANGES = {"zstd": (1, 22), "lz4": (0, 9), "none": (0, 0)}

@@ -493,3 +493,18 @@ def test_store_missing_an_array_is_damaged_and_rewritten(run, reference):
     cache_features(settings(run))
     assert cache_state(run, 0) == "current"
     assert store_bytes(str(run.features_path(0))) == reference
+
+
+@pytest.mark.parametrize(("codec", "level"), [("lz4", 12), ("zstd", 0), ("zstd", 23)])
+def test_a_level_out_of_the_codecs_range_is_refused_before_the_store_is_touched(run, codec, level):
+    cache_features(settings(run))
+    before = store_bytes(str(run.features_path(0)))
+    with pytest.raises(CacheError, match=f"--clevel {level} is out of range for --codec {codec}"):
+        cache_features(settings(run, codec=codec, clevel=level))
+    assert cache_state(run, 0) == "current"
+    assert store_bytes(str(run.features_path(0))) == before
+
+
+def test_no_compression_has_no_level(run):
+    manifest = cache_features(settings(run, codec="none", clevel=5))
+    assert manifest["codec"] == {"name": "none", "level": 0}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.cache import _compressors
+from pipeline.cache import _compressors, codec_level
 from pipeline.chunks import LocalChunks, _zstd_content_size
 from pipeline.errors import CacheError
 from pipeline.loaders import FeatureLoader
@@ -20,7 +20,7 @@ def _array(path, codec: str, dtype: str, n: int = 1000, chunk: int = 64, write: 
         shape=values.shape,
         chunks=(chunk, 3, 2, 2),
         dtype=dtype,
-        compressors=_compressors(codec, 1),
+        compressors=_compressors(codec, codec_level(codec, None)),  # the default levels
         fill_value=0x7FC0 if dtype == "uint16" else float("nan"),
     )
     if write:
@@ -93,3 +93,14 @@ def test_direct_writes_are_zarrs_bytes(tmp_path, codec, dtype):
         assert written == (tmp_path / "zarr.zarr" / key).read_bytes()
         assert (tmp_path / "direct.zarr" / key).read_bytes() == written
     assert writer.write(0, values[:10]) is None  # a partial chunk is zarr's to pad
+
+
+def test_buffers_and_rows_of_another_dtype_or_shape_are_refused(tmp_path):
+    array, values = _array(tmp_path / "f.zarr", "lz4", "float16")
+    chunks = LocalChunks.of(array)
+    with pytest.raises(ValueError, match="cannot take rows 0..64"):
+        chunks.read_into(np.empty((64, 3, 2, 2), np.float32), 0, 64)
+    with pytest.raises(ValueError, match="cannot be written"):
+        chunks.write(0, values[:64].astype(np.float32))
+    with pytest.raises(ValueError, match="cannot be written"):
+        chunks.write(0, values[:64].reshape(64, 3, 4))

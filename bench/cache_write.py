@@ -24,7 +24,7 @@ import zarr
 
 from bench.common import table
 from pipeline import storage
-from pipeline.cache import _compressors, codec_level
+from pipeline.cache import _compressors
 from pipeline.defaults import DEFAULT_CODEC, DEFAULT_DTYPE
 
 PRESET = "fmnist"
@@ -51,7 +51,7 @@ def _forward(stage, batches: list[torch.Tensor]) -> tuple[float, np.ndarray]:
 
 
 def _write(values: np.ndarray, chunk: int, path: Path) -> float:
-    codec = _compressors(DEFAULT_CODEC, codec_level(DEFAULT_CODEC, None))
+    codec = _compressors(DEFAULT_CODEC)
     started = time.perf_counter()
     array = zarr.create_array(
         str(path),

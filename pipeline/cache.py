@@ -47,7 +47,13 @@ from pipeline.augment import (
     draw_views,
 )
 from pipeline.chunks import LocalChunks
-from pipeline.defaults import CODEC_LEVEL_RANGES, CODEC_LEVELS, CODECS, DEFAULT_CODEC
+from pipeline.defaults import (
+    CODEC_LEVEL_RANGES,
+    CODEC_LEVELS,
+    CODECS,
+    DEFAULT_CODEC,
+    DEFAULT_DTYPE,
+)
 from pipeline.errors import CacheError, RunStateError
 from pipeline.loaders import FeatureLoader, ImageLoader
 from pipeline.plan import IMAGES
@@ -77,7 +83,7 @@ class InjectedFault(BaseException):
 class CacheSettings:
     run: Path
     j: int
-    dtype: str = storage.DEFAULT_DTYPE
+    dtype: str = DEFAULT_DTYPE
     batch_size: int | None = None
     chunk_mb: float = 4.0
     region_mb: float = 256.0
@@ -749,7 +755,9 @@ def codec_level(codec: str, clevel: int | None) -> int:
     return clevel
 
 
-def _compressors(codec: str, clevel: int):
+def _compressors(codec: str, clevel: int | None = None):
+    """zarr's compressor for ``codec`` at ``clevel`` (its default level when None)."""
+    clevel = codec_level(codec, clevel)
     if codec == "zstd":
         return ZstdCodec(level=clevel)
     if codec == "lz4":
@@ -786,7 +794,7 @@ def cache_features(settings: CacheSettings) -> dict:
         )
     if settings.codec not in CODECS:
         raise CacheError(f"--codec {settings.codec} is not supported; choose one of {CODECS}")
-    codec_level(settings.codec, settings.clevel)  # refused here, before the store is touched
+    level = codec_level(settings.codec, settings.clevel)  # refused before the store is touched
     if not run.stage_current(j):
         raise RunStateError(
             f"stage {j} is not trained (or is stale); run "
@@ -819,7 +827,7 @@ def cache_features(settings: CacheSettings) -> dict:
         "dtype": settings.dtype,
         "shape": list(out_shape),
         "chunk_samples": chunk,
-        "codec": {"name": settings.codec, "level": codec_level(settings.codec, settings.clevel)},
+        "codec": {"name": settings.codec, "level": level},
         "batch_size": batch_size,
         "splits": splits,
         "input_stage": input_stage,
@@ -909,7 +917,7 @@ def _prepare_store(
     for key in ("zarr.json", RECORDS, *manifest["splits"], *(old or {}).get("splits", {})):
         store.delete(key, recursive=True)
     group = _open_group(url, "a")
-    compressors = _compressors(settings.codec, codec_level(settings.codec, settings.clevel))
+    compressors = _compressors(settings.codec, manifest["codec"]["level"])
     for split, n in manifest["splits"].items():
         group.create_array(
             f"{split}/features",
@@ -1158,6 +1166,7 @@ def _write_region(
     store = _Store(job.url)
     group = _open_group(job.url, "r+")
     features, labels = group[f"{job.split}/features"], group[f"{job.split}/labels"]
+    direct = LocalChunks.of(features)  # None where zarr writes (not a local store)
     n, chunk = features.shape[0], features.chunks[0]
     start, stop = first * chunk, min(stop_chunk * chunk, n)
     loader = _region_input(run, job, start, stop)
@@ -1175,7 +1184,7 @@ def _write_region(
             if pending is not None:
                 pending.result()
             pending = writer.submit(
-                _write_chunk, job, store, features, labels, index, out, y.numpy(), lease
+                _write_chunk, job, store, features, direct, labels, index, out, y.numpy(), lease
             )
             if on_chunk is not None:
                 on_chunk(len(y))
@@ -1241,7 +1250,7 @@ def _chunks_of(loader, first: int, chunk: int, stop: int) -> Iterator[tuple]:
         )
 
 
-def _write_chunk(job: _Job, store: _Store, features, labels, index, out, y, lease) -> None:
+def _write_chunk(job: _Job, store: _Store, features, direct, labels, index, out, y, lease) -> None:
     """Write one chunk, then its record: the record is what makes it finished."""
     if lease is not None:
         lease.check()
@@ -1256,7 +1265,6 @@ def _write_chunk(job: _Job, store: _Store, features, labels, index, out, y, leas
 
     _fault(job, index, "before")
     # A whole chunk on a local disk is encoded and written directly (pipeline.chunks).
-    direct = LocalChunks.of(features)
     feature_bytes = direct.write(index, out) if direct is not None else None
     if feature_bytes is None:
         features[a : a + len(out)] = out

@@ -83,7 +83,7 @@ class LocalChunks:
                 target[...] = scratch[lo - first : hi - first]
 
     def _decode(self, index: int, out: np.ndarray) -> None:
-        key = self.array.metadata.encode_chunk_key((index,) + (0,) * len(self.row_shape))
+        key = self._key(index)
         flat = out.reshape(-1).view(np.uint8)
         try:
             with open(self.root / key, "rb") as file:
@@ -121,13 +121,16 @@ class LocalChunks:
             )
         if len(values) != self.chunk or not values.flags.c_contiguous:
             return None
-        key = self.array.metadata.encode_chunk_key((index,) + (0,) * len(self.row_shape))
+        key = self._key(index)
         flat = values.reshape(-1)
         data = bytes(flat.view(np.uint8)) if self.codec is None else bytes(self.codec.encode(flat))
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         return data
+
+    def _key(self, index: int) -> str:
+        return self.array.metadata.encode_chunk_key((index,) + (0,) * len(self.row_shape))
 
     def _check_size(self, key: str, size: int) -> None:
         if size != self.chunk_bytes:
@@ -139,15 +142,13 @@ class LocalChunks:
 def _blosc_of(codec: BloscCodec, itemsize: int):
     """numcodecs' Blosc with the settings of zarr's codec (decoding reads them from each
     chunk's header; encoding needs them)."""
-    shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE}
-    shuffle["bitshuffle"] = numcodecs.Blosc.BITSHUFFLE
     typesize = codec.typesize or itemsize
     if typesize != itemsize:
         return None
     return numcodecs.Blosc(
         cname=codec.cname.value,
         clevel=codec.clevel,
-        shuffle=shuffle[codec.shuffle.value],
+        shuffle=getattr(numcodecs.Blosc, codec.shuffle.value.upper()),
         blocksize=codec.blocksize,
     )
 

@@ -380,7 +380,7 @@ def measure_store(store_dir: Path, nbytes: int = 256 << 20) -> tuple[float, floa
     import numpy as np
     import zarr
 
-    from pipeline.cache import _compressors, codec_level
+    from pipeline.cache import _compressors
     from pipeline.defaults import DEFAULT_CODEC
 
     rng = np.random.default_rng(0)
@@ -394,7 +394,7 @@ def measure_store(store_dir: Path, nbytes: int = 256 << 20) -> tuple[float, floa
             shape=(rows, row),
             chunks=(256, row),
             dtype="float16",
-            compressors=_compressors(DEFAULT_CODEC, codec_level(DEFAULT_CODEC, None)),
+            compressors=_compressors(DEFAULT_CODEC),
         )
         started = time.perf_counter()
         for i in range(0, rows, 256):

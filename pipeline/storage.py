@@ -10,7 +10,7 @@ dtype; a uint16 feature array always holds bfloat16 bits. bfloat16 keeps float32
 import numpy as np
 import torch
 
-from pipeline.defaults import DEFAULT_DTYPE, STORAGE_DTYPES  # noqa: F401 - re-exported
+from pipeline.defaults import STORAGE_DTYPES  # noqa: F401 - re-exported
 
 _ARRAY_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 _BF16_NAN = 0x7FC0

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.cache import _compressors, codec_level
+from pipeline.cache import _compressors
 from pipeline.chunks import LocalChunks, _zstd_content_size
 from pipeline.errors import CacheError
 from pipeline.loaders import FeatureLoader
@@ -20,7 +20,7 @@ def _array(path, codec: str, dtype: str, n: int = 1000, chunk: int = 64, write: 
         shape=values.shape,
         chunks=(chunk, 3, 2, 2),
         dtype=dtype,
-        compressors=_compressors(codec, codec_level(codec, None)),  # the default levels
+        compressors=_compressors(codec),  # at the codec's default level
         fill_value=0x7FC0 if dtype == "uint16" else float("nan"),
     )
     if write:
